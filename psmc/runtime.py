@@ -40,6 +40,7 @@ class StreamState:
 @dataclass
 class _Prepared:
     inputs: dict[str, torch.Tensor]  # (*batch, T, *shape), in compute dtypes
+    raw: dict[str, torch.Tensor]  # the caller's tensors, validated but not cast or broadcast
     batch_shape: tuple[int, ...]
     T: int
     float_dtype: torch.dtype  # f32, or f64 when a float input is f64
@@ -160,7 +161,8 @@ class PsmOp(torch.nn.Module):
             lead = () if per_token else (t.shape[t.dim() - f.type.rank - 1],)
             t = t.to(compute_dtype(f.type.dtype, float_dtype))
             cast[name] = torch.broadcast_to(t, batch + lead + f.type.shape)
-        return _Prepared(cast, batch, Ts[0][1] if Ts else 1, float_dtype, out_dtype, devices.pop())
+        return _Prepared(cast, dict(inputs), batch, Ts[0][1] if Ts else 1, float_dtype, out_dtype,
+                         devices.pop())
 
     # ---- public API ----
     def forward(self, *, return_state: bool = False, initial_state: StreamState | None = None,
@@ -203,7 +205,7 @@ class PsmOp(torch.nn.Module):
                                f"return_state=True, got {type(state).__name__}")
         p = self._prepare(inputs, per_token=True)
         seq = {k: v.unsqueeze(len(p.batch_shape)) for k, v in p.inputs.items()}
-        p = _Prepared(seq, p.batch_shape, 1, p.float_dtype, p.out_dtype, p.device)
+        p = _Prepared(seq, seq, p.batch_shape, 1, p.float_dtype, p.out_dtype, p.device)
         outs, new = self._run(p, state, True, "reference")
         nb = len(p.batch_shape)
         outs = tuple(o.squeeze(nb) for o in outs) if isinstance(outs, tuple) else outs.squeeze(nb)

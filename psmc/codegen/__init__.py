@@ -1,0 +1,1 @@
+"""Code generators, one module per strategy (see DESIGN.md section 4)."""
