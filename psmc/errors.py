@@ -64,5 +64,4 @@ class PsmError(Exception):
         return self.render()
 
 
-class PsmCallError(ValueError):
-    """Wrong inputs at call time (a missing field, a bad shape or dtype)."""
+from .standalone import PsmCallError  # noqa: E402  (one class for the runtime and psmc)

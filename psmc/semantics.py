@@ -9,8 +9,6 @@ shapes work on batched tensors.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import torch
@@ -210,55 +208,9 @@ _FLOAT_FUNCS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-# ---- scans over time ---------------------------------------------------------------------------
+# ---- scans over time: the sequential reference lives in the torch-only runtime ---------------------
 
-def index_state(st: State, i: int, nb: int) -> State:
-    """Element i along the time axis (axis nb) of stacked states."""
-    return {k: v.select(nb, i) for k, v in st.items()}
-
-
-def stack_states(states: list[State], nb: int) -> State:
-    return {k: torch.stack([s[k] for s in states], dim=nb) for k in states[0]}
-
-
-@dataclass
-class Counter:
-    """The binary counter of the canonical tree (DESIGN.md section 1), for streaming.
-
-    `roots[j]` is the total of the j-th aligned block of the prefix (largest first), `folds[j]`
-    is `combine(...combine(e, roots[0])..., roots[j])`. After n elements there is one root per set
-    bit of n, so at most ceil(log2 n) + 1 states are held. `calls` counts `combine` evaluations.
-    """
-
-    identity: State
-    roots: list[tuple[int, State]] = field(default_factory=list)  # (log2 of block size, total)
-    folds: list[State] = field(default_factory=list)
-    count: int = 0
-    calls: int = 0
-
-    def prefix(self) -> State:
-        """The exclusive prefix of the next element: P_count."""
-        return self.folds[-1] if self.folds else self.identity
-
-    def push(self, element: State, combine: Callable[[State, State], State]) -> State:
-        """Append one element; return the new prefix P_{count+1} (its inclusive prefix)."""
-        total, level = element, 0
-        while self.roots and self.roots[-1][0] == level:
-            _, left = self.roots.pop()
-            self.folds.pop()
-            total = combine(left, total)
-            self.calls += 1
-            level += 1
-        base = self.folds[-1] if self.folds else self.identity
-        fold = combine(base, total)
-        self.calls += 1
-        self.roots.append((level, total))
-        self.folds.append(fold)
-        self.count += 1
-        return fold
-
-    def states_held(self) -> int:
-        return len(self.roots) + len(self.folds)
+from .standalone import Counter, ceil_log2  # noqa: E402,F401  (re-exported for callers of semantics)
 
 
 def left_fold(elements: list[State], start: State, combine) -> tuple[list[State], list[State]]:
@@ -279,7 +231,3 @@ def counter_scan(elements: list[State], counter: Counter, combine) -> tuple[list
         excl.append(counter.prefix())
         incl.append(counter.push(s, combine))
     return excl, incl
-
-
-def ceil_log2(n: int) -> int:
-    return 0 if n <= 1 else math.ceil(math.log2(n))

@@ -1,0 +1,446 @@
+"""The torch-only runtime of a psm op: validation, chunking, scans, streaming state.
+
+This file imports nothing from psmc on purpose: `psmc compile` pastes it verbatim into every
+generated module, so a compiled op runs with torch (and triton) alone, and the in-process `PsmOp`
+runs the very same code with interpreter-backed `lift`/`combine`/`output`. An op is described by a
+`Spec` (names, dtypes, shapes) and four functions on dicts of batched tensors:
+`lift(x, batch)`, `combine(l, r, batch)`, `output(s, x, batch)`, `identity(batch)`.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+State = Dict[str, torch.Tensor]
+
+
+# ---- the op's description ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FieldSpec:
+    name: str
+    dtype: str  # psm dtype: bool i32 i64 f16 bf16 f32 f64
+    shape: Tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    inputs: Tuple[FieldSpec, ...]
+    state: Tuple[FieldSpec, ...]
+    outputs: Tuple[FieldSpec, ...]
+    chunk: Optional[int]  # tokens per element for `chunk C` ops, else None
+    exclusive: bool  # output sees the exclusive prefix
+    associative: bool  # False: the canonical tree (DESIGN.md section 1)
+
+
+TORCH_DTYPES = {
+    "bool": torch.bool, "i32": torch.int32, "i64": torch.int64, "f16": torch.float16,
+    "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64,
+}
+
+
+def compute_dtype(declared: str, float_dtype: torch.dtype) -> torch.dtype:
+    """State math is f32 unless declared f64; a float64 run (the oracle) lifts it all to f64."""
+    if declared in ("f16", "bf16", "f32", "f64"):
+        return torch.float64 if (declared == "f64" or float_dtype == torch.float64) else torch.float32
+    return TORCH_DTYPES[declared]
+
+
+class PsmCallError(ValueError):
+    """Wrong inputs at call time (a missing field, a bad shape or dtype)."""
+
+
+# ---- streaming state -----------------------------------------------------------------------------
+
+@dataclass
+class Counter:
+    """The binary counter of the canonical tree (DESIGN.md section 1), for streaming.
+
+    `roots[j]` is the total of the j-th aligned block of the prefix (largest first), `folds[j]` is
+    `combine(...combine(e, roots[0])..., roots[j])`. After n elements there is one root per set
+    bit of n, so at most ceil(log2 n) + 1 states are held. `calls` counts `combine` evaluations.
+    """
+
+    identity: State
+    roots: List[Tuple[int, State]] = field(default_factory=list)  # (log2 of block size, total)
+    folds: List[State] = field(default_factory=list)
+    count: int = 0
+    calls: int = 0
+
+    def prefix(self) -> State:
+        """The exclusive prefix of the next element: P_count."""
+        return self.folds[-1] if self.folds else self.identity
+
+    def push(self, element: State, combine: Callable[[State, State], State]) -> State:
+        """Append one element; return its inclusive prefix P_{count+1}."""
+        total, level = element, 0
+        while self.roots and self.roots[-1][0] == level:  # carry: merge equal-sized blocks
+            _, left = self.roots.pop()
+            self.folds.pop()
+            total = combine(left, total)
+            self.calls += 1
+            level += 1
+        base = self.folds[-1] if self.folds else self.identity
+        fold = combine(base, total)
+        self.calls += 1
+        self.roots.append((level, total))
+        self.folds.append(fold)
+        self.count += 1
+        return fold
+
+    def states_held(self) -> int:
+        return len(self.roots) + len(self.folds)
+
+    def copy(self) -> "Counter":
+        return Counter(self.identity, list(self.roots), list(self.folds), self.count, self.calls)
+
+
+@dataclass
+class StreamState:
+    """What streaming keeps between calls.
+
+    Associative ops keep one state, `prefix` (everything so far, folded). Non-associative ops keep
+    the binary counter of the canonical tree. Chunked ops also keep the tokens of the unfinished
+    chunk in `pending` (shaped `(*batch, k, *field)` with k < C). `tokens` counts tokens seen.
+    """
+
+    batch_shape: Tuple[int, ...]
+    tokens: int = 0
+    prefix: Optional[State] = None
+    counter: Optional[Counter] = None
+    pending: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def states_held(self) -> int:
+        return self.counter.states_held() if self.counter is not None else 1
+
+
+# ---- scans over the time axis (axis `nb` of every tensor) ---------------------------------------
+
+def _take(st: State, nb: int, index) -> State:
+    key = (slice(None),) * nb + (index,)
+    return {k: v[key] for k, v in st.items()}
+
+
+def _cat(a: State, b: State, nb: int) -> State:
+    return {k: torch.cat([a[k], b[k].to(a[k].dtype)], dim=nb) for k in a}
+
+
+def _with_time(st: State, nb: int, n: int) -> State:
+    """A state without a time axis, repeated n times along a new time axis."""
+    return {k: v.unsqueeze(nb).expand(v.shape[:nb] + (n,) + v.shape[nb:]) for k, v in st.items()}
+
+
+def _stack(states: List[State], nb: int) -> State:
+    return {k: torch.stack([s[k] for s in states], dim=nb) for k in states[0]}
+
+
+def sequential_scan(elements: State, n: int, nb: int, combine, start: Optional[State],
+                    counter: Optional[Counter]) -> Tuple[State, State]:
+    """The reference: a left fold (associative) or the binary counter (canonical tree)."""
+    excl, incl = [], []
+    acc = start
+    for i in range(n):
+        s = _take(elements, nb, i)
+        if counter is None:
+            excl.append(acc)
+            acc = combine(acc, s)
+            incl.append(acc)
+        else:
+            excl.append(counter.prefix())
+            incl.append(counter.push(s, combine))
+    return _stack(excl, nb), _stack(incl, nb)
+
+
+def associative_scan(elements: State, n: int, nb: int, combine, start: State) -> Tuple[State, State]:
+    """Log-depth Hillis–Steele scan, then the start state folded in front of every prefix."""
+    acc = elements
+    d = 1
+    while d < n:
+        merged = combine(_take(acc, nb, slice(0, n - d)), _take(acc, nb, slice(d, n)))
+        acc = _cat(_take(acc, nb, slice(0, d)), merged, nb)
+        d *= 2
+    incl = combine(_with_time(start, nb, n), acc)
+    excl = _cat(_with_time(start, nb, 1), _take(incl, nb, slice(0, n - 1)), nb)
+    return excl, incl
+
+
+def tree_scan(elements: State, n: int, nb: int, combine, identity: State
+              ) -> Tuple[State, State, Counter]:
+    """The canonical tree level by level: one batched `combine` per level and direction.
+
+    Up-sweep: totals of complete aligned blocks. Down-sweep over n + 1 positions: a left child
+    inherits its parent's prefix, a right child gets combine(parent prefix, left sibling total).
+    Returns (exclusive, inclusive) prefixes and the binary counter after the n elements.
+    """
+    totals = [elements]
+    k = 0
+    while (n >> (k + 1)) > 0:
+        m = n >> (k + 1)
+        below = totals[k]
+        totals.append(combine(_take(below, nb, slice(0, 2 * m, 2)), _take(below, nb, slice(1, 2 * m, 2))))
+        k += 1
+    prefix = _with_time(identity, nb, 1)  # the root block, which covers [0, n], starts with e
+    for level in range(len(totals) - 1, -1, -1):
+        count = (n >> level) + 1  # blocks at this level that start at a position <= n
+        rights = count // 2
+        lefts = _take(prefix, nb, slice(0, (count + 1) // 2))
+        if rights:
+            right = combine(_take(prefix, nb, slice(0, rights)),
+                            _take(totals[level], nb, slice(0, 2 * rights, 2)))
+            prefix = _interleave(lefts, right, nb, count)
+        else:
+            prefix = lefts
+    counter = Counter(identity=identity, count=n)
+    start = 0
+    for level in range(len(totals) - 1, -1, -1):  # one root per set bit of n, largest first
+        if n >> level & 1:
+            counter.roots.append((level, _take(totals[level], nb, start >> level)))
+            start += 1 << level
+            counter.folds.append(_take(prefix, nb, start))
+    return _take(prefix, nb, slice(0, n)), _take(prefix, nb, slice(1, n + 1)), counter
+
+
+def _interleave(lefts: State, rights: State, nb: int, count: int) -> State:
+    """[l0, r0, l1, r1, ...] truncated to count."""
+    out = {}
+    for k in lefts:
+        a, b = lefts[k], rights[k].to(lefts[k].dtype)
+        if b.shape[nb] < a.shape[nb]:
+            b = torch.cat([b, a.narrow(nb, a.shape[nb] - 1, 1)], dim=nb)
+        out[k] = torch.stack([a, b], dim=nb + 1).flatten(nb, nb + 1).narrow(nb, 0, count)
+    return out
+
+
+# ---- validation ----------------------------------------------------------------------------------
+
+@dataclass
+class Prepared:
+    inputs: Dict[str, torch.Tensor]  # (*batch, T, *shape), in compute dtypes
+    raw: Dict[str, torch.Tensor]  # the caller's tensors, validated but not cast or broadcast
+    batch_shape: Tuple[int, ...]
+    T: int
+    float_dtype: torch.dtype  # f32, or f64 when a float input is f64
+    out_dtype: Optional[torch.dtype]  # dtype of float outputs: the inputs' float dtype
+    device: torch.device
+
+
+def _expected(f: FieldSpec, per_token: bool) -> str:
+    dims = ["*batch"] + ([] if per_token else ["T"]) + [str(s) for s in f.shape]
+    return f"shape ({', '.join(dims)}), {f.dtype}"
+
+
+def prepare(spec: Spec, inputs: Dict[str, torch.Tensor], per_token: bool = False) -> Prepared:
+    """Check names, shapes and dtypes (errors name the field); cast to the compute dtypes."""
+    declared = {f.name: f for f in spec.inputs}
+    unknown = [k for k in inputs if k not in declared]
+    if unknown:
+        raise PsmCallError(f"{spec.name}: unexpected input '{unknown[0]}'; inputs are {', '.join(declared)}")
+    missing = [k for k in declared if k not in inputs]
+    if missing:
+        f = declared[missing[0]]
+        raise PsmCallError(f"{spec.name}: missing input '{f.name}' ({_expected(f, per_token)})")
+    lead = 0 if per_token else 1
+    float_dtypes, batches, lengths, devices = [], [], [], set()
+    for name, f in declared.items():
+        t = inputs[name]
+        if not isinstance(t, torch.Tensor):
+            raise PsmCallError(f"{spec.name}: input '{name}' must be a torch.Tensor, got {type(t).__name__}")
+        fr = len(f.shape)
+        if t.dim() < fr + lead or tuple(t.shape[t.dim() - fr:]) != f.shape:
+            raise PsmCallError(f"{spec.name}: input '{name}' has shape {tuple(t.shape)}; "
+                               f"expected {_expected(f, per_token)}")
+        if f.dtype in ("f16", "bf16", "f32", "f64") and not t.is_floating_point():
+            raise PsmCallError(f"{spec.name}: input '{name}' must be a floating-point tensor "
+                               f"(declared {f.dtype}), got {t.dtype}")
+        if f.dtype in ("i32", "i64") and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+            raise PsmCallError(f"{spec.name}: input '{name}' must be an integer tensor "
+                               f"(declared {f.dtype}), got {t.dtype}")
+        if f.dtype == "bool" and t.dtype != torch.bool:
+            raise PsmCallError(f"{spec.name}: input '{name}' must be a bool tensor, got {t.dtype}")
+        if t.is_floating_point():
+            float_dtypes.append(t.dtype)
+        nb = t.dim() - fr - lead
+        batches.append((name, tuple(t.shape[:nb])))
+        if not per_token:
+            lengths.append((name, t.shape[nb]))
+        devices.add(t.device)
+    if len(devices) > 1:
+        raise PsmCallError(f"{spec.name}: inputs are on different devices: {sorted(map(str, devices))}")
+    if len({T for _, T in lengths}) > 1:
+        raise PsmCallError(f"{spec.name}: inputs disagree on the sequence length T: " +
+                           ", ".join(f"{n}: {T}" for n, T in lengths))
+    try:
+        batch = tuple(torch.broadcast_shapes(*(b for _, b in batches)))
+    except RuntimeError:
+        raise PsmCallError(f"{spec.name}: batch shapes do not broadcast: " +
+                           ", ".join(f"{n}: {b}" for n, b in batches)) from None
+    float_dtype = torch.float64 if torch.float64 in float_dtypes else torch.float32
+    out_dtype = None
+    for d in float_dtypes:
+        out_dtype = d if out_dtype is None else torch.promote_types(out_dtype, d)
+    cast = {}
+    for name, f in declared.items():
+        t = inputs[name]
+        time = () if per_token else (t.shape[t.dim() - len(f.shape) - 1],)
+        cast[name] = torch.broadcast_to(t.to(compute_dtype(f.dtype, float_dtype)), batch + time + f.shape)
+    T = lengths[0][1] if lengths else 1
+    return Prepared(cast, dict(inputs), batch, T, float_dtype, out_dtype, devices.pop())
+
+
+# ---- the pipeline: chunk, lift, scan, output -----------------------------------------------------
+
+@dataclass
+class Functions:
+    """The op's pieces on batched tensors; `batch` is the shape of the leading axes."""
+
+    lift: Callable[[State, Tuple[int, ...]], State]
+    combine: Callable[[State, State, Tuple[int, ...]], State]
+    output: Callable[[State, State, Tuple[int, ...]], State]
+    identity: Callable[[Tuple[int, ...], torch.dtype, torch.device], State]
+
+
+def init_state(spec: Spec, fns: Functions, batch_shape, device=None, dtype=None) -> StreamState:
+    """The empty stream: the identity (or an empty counter) for every batch element."""
+    batch_shape = (batch_shape,) if isinstance(batch_shape, int) else tuple(batch_shape)
+    float_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    e = fns.identity(batch_shape, float_dtype, torch.device(device or "cpu"))
+    if spec.associative:
+        return StreamState(batch_shape, prefix=e)
+    return StreamState(batch_shape, counter=Counter(identity=e))
+
+
+def _broadcast_state(st: State, batch: Tuple[int, ...], old_nb: int) -> State:
+    return {k: torch.broadcast_to(v, batch + v.shape[old_nb:]) for k, v in st.items()}
+
+
+def scan(spec: Spec, elements: State, n: int, initial: StreamState, combine, batch, mode: str):
+    """Exclusive and inclusive prefixes of n elements after `initial`, and the state after them.
+
+    mode "reference": the sequential left fold / binary counter; "torch": log-depth scans.
+    """
+    nb, old_nb = len(batch), len(initial.batch_shape)
+    if spec.associative:
+        start = _broadcast_state(initial.prefix, batch, old_nb)
+        if n == 0:
+            empty = _take(elements, nb, slice(0, 0))
+            return empty, empty, StreamState(batch, prefix=start)
+        if mode == "torch":
+            excl, incl = associative_scan(elements, n, nb, combine, start)
+        else:
+            excl, incl = sequential_scan(elements, n, nb, combine, start, None)
+        return excl, incl, StreamState(batch, prefix=_take(incl, nb, n - 1))
+    counter = initial.counter.copy()
+    counter.identity = _broadcast_state(counter.identity, batch, old_nb)
+    counter.roots = [(lv, _broadcast_state(r, batch, old_nb)) for lv, r in counter.roots]
+    counter.folds = [_broadcast_state(f, batch, old_nb) for f in counter.folds]
+    if n == 0:
+        empty = _take(elements, nb, slice(0, 0))
+        return empty, empty, StreamState(batch, counter=counter)
+    if mode == "torch" and counter.count == 0:
+        excl, incl, counter = tree_scan(elements, n, nb, combine, counter.identity)
+    else:
+        excl, incl = sequential_scan(elements, n, nb, combine, None, counter)
+    return excl, incl, StreamState(batch, counter=counter)
+
+
+def run(spec: Spec, fns: Functions, p: Prepared, initial: Optional[StreamState], return_state: bool,
+        mode: str = "torch"):
+    """Chunk the tokens, lift, scan, output; outputs shaped (*batch, T, *out_shape)."""
+    C = spec.chunk or 1
+    batch, nb = p.batch_shape, len(p.batch_shape)
+    if initial is None:
+        initial = init_state(spec, fns, batch, p.device, p.float_dtype)
+    check_state(spec, initial, batch)
+    inputs = p.inputs
+    n_old = 0
+    if initial.pending:  # tokens of an unfinished chunk, already emitted: replay them first
+        old = _broadcast_state(initial.pending, batch, len(initial.batch_shape))
+        n_old = next(iter(old.values())).shape[nb]
+        inputs = {k: torch.cat([old[k].to(v.dtype), v], dim=nb) for k, v in inputs.items()}
+    T = n_old + p.T
+    n_full, rest = divmod(T, C)
+    n_elem = n_full + (1 if rest else 0)
+    tokens = {k: _pad_time(v, nb, n_elem * C) for k, v in inputs.items()}
+    if spec.chunk is not None:
+        tokens = {k: v.unflatten(nb, (n_elem, C)) for k, v in tokens.items()}
+    elem_batch = batch + (n_elem,)
+    elements = fns.lift(tokens, elem_batch)
+    full = _take(elements, nb, slice(0, n_full))
+
+    def combine(a: State, b: State) -> State:
+        some_a, some_b = next(iter(a)), next(iter(b))
+        ra = a[some_a].dim() - len(_field(spec, some_a).shape)
+        rb = b[some_b].dim() - len(_field(spec, some_b).shape)
+        shape = torch.broadcast_shapes(a[some_a].shape[:ra], b[some_b].shape[:rb])
+        return fns.combine(a, b, tuple(shape))
+
+    excl, incl, final = scan(spec, full, n_full, initial, combine, batch, mode)
+    if rest:  # the unfinished chunk: outputs from its exclusive prefix and zero-padded tokens
+        before = final.prefix if final.prefix is not None else final.counter.prefix()
+        before = _with_time(before, nb, 1)
+        excl = _cat(excl, before, nb)
+        incl = _cat(incl, combine(before, _take(elements, nb, slice(n_full, n_full + 1))), nb)
+        final.pending = {k: v.narrow(nb, n_full * C, rest) for k, v in inputs.items()}
+    final.tokens = initial.tokens + p.T
+    outs = fns.output(excl if spec.exclusive else incl, tokens, elem_batch)
+    results = []
+    for f in spec.outputs:
+        y = outs[f.name]
+        if spec.chunk is not None:
+            y = y.flatten(nb, nb + 1)
+        y = y.narrow(nb, n_old, p.T)
+        if f.dtype in ("f16", "bf16", "f32") and p.out_dtype is not None:
+            y = y.to(p.out_dtype)
+        results.append(y.contiguous())
+    out = results[0] if len(results) == 1 else tuple(results)
+    return (out, final) if return_state else out
+
+
+def step(spec: Spec, fns: Functions, state: StreamState, inputs: Dict[str, torch.Tensor]):
+    """One token: inputs shaped (*batch, *field_shape). Returns (outputs, new state)."""
+    if not isinstance(state, StreamState):
+        raise PsmCallError(f"{spec.name}.step: state must come from init_state() or "
+                           f"return_state=True, got {type(state).__name__}")
+    p = prepare(spec, inputs, per_token=True)
+    nb = len(p.batch_shape)
+    seq = {k: v.unsqueeze(nb) for k, v in p.inputs.items()}
+    p = Prepared(seq, seq, p.batch_shape, 1, p.float_dtype, p.out_dtype, p.device)
+    outs, new = run(spec, fns, p, state, True, mode="reference")
+    if isinstance(outs, tuple):
+        return tuple(o.squeeze(nb) for o in outs), new
+    return outs.squeeze(nb), new
+
+
+def check_state(spec: Spec, st: StreamState, batch: Tuple[int, ...]) -> None:
+    if not isinstance(st, StreamState):
+        raise PsmCallError(f"{spec.name}: initial_state must come from init_state() or "
+                           f"return_state=True, got {type(st).__name__}")
+    if (st.prefix is not None) != spec.associative:
+        raise PsmCallError(f"{spec.name}: this state belongs to an op with other semantics")
+    try:
+        torch.broadcast_shapes(st.batch_shape, batch)
+    except RuntimeError:
+        raise PsmCallError(f"{spec.name}: the state's batch shape {st.batch_shape} does not match "
+                           f"the inputs' {batch}") from None
+
+
+def _field(spec: Spec, name: str) -> FieldSpec:
+    for f in spec.state:
+        if f.name == name:
+            return f
+    raise KeyError(name)
+
+
+def _pad_time(v: torch.Tensor, nb: int, length: int) -> torch.Tensor:
+    T = v.shape[nb]
+    if T == length:
+        return v
+    pad = v.new_zeros(v.shape[:nb] + (length - T,) + v.shape[nb + 1:])
+    return torch.cat([v, pad], dim=nb)
+
+
+def ceil_log2(n: int) -> int:
+    return 0 if n <= 1 else math.ceil(math.log2(n))
