@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from . import ir, standalone
+from .codegen import module
 from .semantics import Evaluator
 from .standalone import Prepared, PsmCallError, StreamState
 
@@ -28,6 +29,7 @@ class PsmOp(torch.nn.Module):
         self.name = op.name
         self._associative = associative
         self._verdict = None
+        self._generated: dict[str, Callable] | None = None
         self._externs: dict[str, Callable] = {}
         self.externs = torch.nn.ModuleDict()
 
@@ -81,10 +83,21 @@ class PsmOp(torch.nn.Module):
         return standalone.Spec(op.name, fs(op.inputs), fs(op.state), fs(op.outputs), op.chunk,
                                op.exclusive, self.associative)
 
-    def functions(self, float_dtype: torch.dtype, device: torch.device) -> standalone.Functions:
-        """lift/combine/output/identity evaluated by the IR interpreter (psmc.semantics)."""
-        ev = Evaluator(self.ir, float_dtype, device, self._externs)
+    def functions(self, float_dtype: torch.dtype, device: torch.device,
+                  interpreted: bool = False) -> standalone.Functions:
+        """lift/combine/output/identity: generated torch code, or the IR interpreter (the oracle)."""
         op = self.ir
+        if not interpreted:
+            if self._generated is None:
+                self._generated = module.torch_functions(op)
+            g, ex = self._generated, self._externs
+            return standalone.Functions(
+                lift=lambda x, batch: g["lift"](x, batch, float_dtype, device, ex),
+                combine=lambda l, r, batch: g["combine"](l, r, batch, float_dtype, device, ex),
+                output=lambda s, x, batch: g["output"](s, x, batch, float_dtype, device, ex),
+                identity=lambda batch, fdt, dev: g["identity"](batch, fdt, dev),
+            )
+        ev = Evaluator(self.ir, float_dtype, device, self._externs)
         return standalone.Functions(
             lift=lambda x, batch: ev.run(op.lift, {"x": x}, batch),
             combine=lambda l, r, batch: ev.run(op.combine, {"l": l, "r": r}, batch),
@@ -109,9 +122,11 @@ class PsmOp(torch.nn.Module):
             result = triton_backend.run(self, p, initial_state, return_state, strict=backend == "triton")
             if result is not None:
                 return result
-        mode = "reference" if backend == "reference" else "torch"
+        if backend == "reference":  # the oracle: interpreter + sequential scan
+            fns = self.functions(p.float_dtype, p.device, interpreted=True)
+            return standalone.run(self.spec, fns, p, initial_state, return_state, "reference")
         fns = self.functions(p.float_dtype, p.device)
-        return standalone.run(self.spec, fns, p, initial_state, return_state, mode)
+        return standalone.run(self.spec, fns, p, initial_state, return_state, "torch")
 
     def reference(self, *, return_state: bool = False, initial_state: StreamState | None = None,
                   **inputs: torch.Tensor):
@@ -131,7 +146,20 @@ class PsmOp(torch.nn.Module):
         p = self._prepare(inputs, per_token=True)
         return standalone.step(self.spec, self.functions(p.float_dtype, p.device), state, inputs)
 
+    def module_source(self) -> str:
+        """The self-contained module `psmc compile` writes for this op."""
+        return module.module_source(self.ir, self.associative, _triton_section(self.ir, self.associative))
+
     def extra_repr(self) -> str:
         dims = ", ".join(f"{k}={v}" for k, v in self.ir.dims)
         kind = "associative" if self.associative else "canonical tree"
         return f"{self.name}[{dims}]: {kind}" if dims else f"{self.name}: {kind}"
+
+
+def _triton_section(op: ir.Op, associative: bool) -> str:
+    """Triton kernels for the generated module, when a kernel generator supports the op."""
+    try:
+        from .codegen import triton_module  # written with the Triton backends
+    except ImportError:
+        return ""
+    return triton_module.generate(op, associative)

@@ -444,3 +444,60 @@ def _pad_time(v: torch.Tensor, nb: int, length: int) -> torch.Tensor:
 
 def ceil_log2(n: int) -> int:
     return 0 if n <= 1 else math.ceil(math.log2(n))
+
+
+# ---- helpers for the generated lift / combine / output code --------------------------------------
+
+def _align(x, rank: int, target: int):
+    """Insert `target - rank` axes just before the last `rank` (field) axes of x."""
+    if not isinstance(x, torch.Tensor) or target <= rank:
+        return x
+    nb = x.dim() - rank
+    return x.reshape(x.shape[:nb] + (1,) * (target - rank) + x.shape[nb:])
+
+
+def _as(x, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """x as a tensor of `dtype` (Python numbers become 0-d tensors)."""
+    if isinstance(x, torch.Tensor):
+        return x if x.dtype == dtype else x.to(dtype)
+    return torch.tensor(x, dtype=dtype, device=device)
+
+
+def _floatify(x, fdt: torch.dtype):
+    if isinstance(x, torch.Tensor):
+        return x if x.is_floating_point() else x.to(fdt)
+    return float(x)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, ra: int, rb: int) -> torch.Tensor:
+    """`@` on field axes: vector·vector, vector@matrix, matrix@vector, (batched) matrix@matrix."""
+    if ra == 1 and rb == 1:
+        return (a * b).sum(-1)
+    if ra == 1:
+        return (_align(a.unsqueeze(-1), 2, rb) * b).sum(-2)
+    if rb == 1:
+        return (a * _align(b.unsqueeze(-2), 2, ra)).sum(-1)
+    r = max(ra, rb)
+    return torch.matmul(_align(a, ra, r), _align(b, rb, r))
+
+
+def _store(value, rank: int, shape: Tuple[int, ...], dtype: torch.dtype, batch, device=None):
+    """An assigned field: cast, field axes aligned, broadcast over the batch."""
+    t = _align(_as(value, dtype, device), rank, len(shape))
+    return torch.broadcast_to(t, tuple(batch) + tuple(shape))
+
+
+def _extern(fn, args, ranks, result_shape: Tuple[int, ...], name: str) -> torch.Tensor:
+    """Call a bound extern on (N, *shape) rows: the batch axes flattened into one."""
+    if fn is None:
+        raise RuntimeError(f"extern '{name}' is not bound; call op.bind({name}=module) first")
+    batch = torch.broadcast_shapes(*(a.shape[: a.dim() - r] for a, r in zip(args, ranks)))
+    flat = [torch.broadcast_to(a, batch + a.shape[a.dim() - r:]).reshape((-1,) + tuple(a.shape[a.dim() - r:]))
+            for a, r in zip(args, ranks)]
+    out = fn(*flat)
+    want = (flat[0].shape[0],) + tuple(result_shape)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RuntimeError(f"extern '{name}' returned {got}, expected a tensor of shape {want} "
+                           f"(N flattened batch rows, then the declared shape)")
+    return out.reshape(batch + tuple(result_shape))
