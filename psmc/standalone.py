@@ -59,14 +59,19 @@ class PsmCallError(ValueError):
 class Counter:
     """The binary counter of the canonical tree (DESIGN.md section 1), for streaming.
 
-    `roots[j]` is the total of the j-th aligned block of the prefix (largest first), `folds[j]` is
-    `combine(...combine(e, roots[0])..., roots[j])`. After n elements there is one root per set
-    bit of n, so at most ceil(log2 n) + 1 states are held. `calls` counts `combine` evaluations.
+    `roots[j]` is the total of the j-th aligned block of the prefix (largest first); `folds[j]` is
+    `combine(...combine(e, roots[0])..., roots[j])`, the prefix at the end of that block, or None
+    where it can never be needed again. After n elements there is one root per set bit of n. The
+    fold after a root is needed only as the base of a carry that stops just below that root, so it
+    is dropped when the next root is one level lower (that root can only leave together with it);
+    the last fold is the prefix and always kept. Roots plus kept folds are then at most
+    ceil(log2 n) + 1 states (n >= 2), and `push` costs amortized at most 2 `combine` calls
+    (`calls` counts them): the carry merges total n - popcount(n), plus one fold per element.
     """
 
     identity: State
     roots: List[Tuple[int, State]] = field(default_factory=list)  # (log2 of block size, total)
-    folds: List[State] = field(default_factory=list)
+    folds: List[Optional[State]] = field(default_factory=list)
     count: int = 0
     calls: int = 0
 
@@ -83,19 +88,26 @@ class Counter:
             total = combine(left, total)
             self.calls += 1
             level += 1
-        base = self.folds[-1] if self.folds else self.identity
-        fold = combine(base, total)
+        fold = combine(self.prefix(), total)  # after a carry, the kept fold of the root it stopped at
         self.calls += 1
+        if self.roots and self.roots[-1][0] == level + 1:
+            self.folds[-1] = None  # that root now only leaves in a carry through this one
         self.roots.append((level, total))
         self.folds.append(fold)
         self.count += 1
         return fold
 
     def states_held(self) -> int:
-        return len(self.roots) + len(self.folds)
+        return len(self.roots) + sum(f is not None for f in self.folds)
 
     def copy(self) -> "Counter":
         return Counter(self.identity, list(self.roots), list(self.folds), self.count, self.calls)
+
+
+def _drop_unneeded_folds(roots: List[Tuple[int, State]], folds: List[Optional[State]]) -> List[Optional[State]]:
+    """Counter's rule: keep the last fold and those whose next root is not one level lower."""
+    return [f if j == len(roots) - 1 or roots[j][0] - roots[j + 1][0] > 1 else None
+            for j, f in enumerate(folds)]
 
 
 @dataclass
@@ -167,40 +179,75 @@ def associative_scan(elements: State, n: int, nb: int, combine, start: State) ->
     return excl, incl
 
 
-def tree_scan(elements: State, n: int, nb: int, combine, identity: State
-              ) -> Tuple[State, State, Counter]:
+def tree_scan(elements: State, n: int, nb: int, combine, identity: State,
+              counter: Optional[Counter] = None) -> Tuple[State, State, Counter]:
     """The canonical tree level by level: one batched `combine` per level and direction.
 
-    Up-sweep: totals of complete aligned blocks. Down-sweep over n + 1 positions: a left child
-    inherits its parent's prefix, a right child gets combine(parent prefix, left sibling total).
-    Returns (exclusive, inclusive) prefixes and the binary counter after the n elements.
+    The n elements sit at global positions c .. c+n-1 after a stream of c = `counter.count`
+    elements (c = 0 without a counter), and blocks are aligned globally: at level k the arrays
+    hold the blocks j >= c >> k, and a block that starts before c is completed with the counter's
+    root of that level (the set bits of c are exactly those roots). Up-sweep: totals of complete
+    blocks. Down-sweep over positions c .. c+n: a left child inherits its parent's prefix, a right
+    child gets combine(parent prefix, left sibling total). The sweep starts at the lowest level
+    whose single block holds all new positions, from the counter's cached fold there.
+    Returns (exclusive, inclusive) prefixes and the binary counter after the c + n elements.
     """
-    totals = [elements]
+    c = counter.count if counter is not None else 0
+    roots = dict(counter.roots) if counter is not None else {}
+    end = c + n
+    totals = [elements]  # totals[k]: complete level-k blocks j = (c >> k) .. (end >> k) - 1
     k = 0
-    while (n >> (k + 1)) > 0:
-        m = n >> (k + 1)
-        below = totals[k]
+    while (end >> (k + 1)) - (c >> (k + 1)) > 0:
+        m = (end >> (k + 1)) - (c >> (k + 1))
+        below = _with_root(totals[k], roots, k, c, nb)
         totals.append(combine(_take(below, nb, slice(0, 2 * m, 2)), _take(below, nb, slice(1, 2 * m, 2))))
         k += 1
-    prefix = _with_time(identity, nb, 1)  # the root block, which covers [0, n], starts with e
-    for level in range(len(totals) - 1, -1, -1):
-        count = (n >> level) + 1  # blocks at this level that start at a position <= n
+    top = len(totals)  # at level `top` one block holds positions c .. end
+    # The prefix of that block: the fold of the counter's roots of level >= top, largest first.
+    acc, old_folds = identity, {}
+    if counter is not None:
+        for (lv, root), fold in zip(counter.roots, counter.folds):
+            if lv < top:
+                break
+            acc = fold if fold is not None else combine(acc, root)
+            old_folds[lv] = acc
+    prefix = _with_time(acc, nb, 1)
+    new_folds = {}
+    for level in range(top - 1, -1, -1):
+        first = 2 * (c >> (level + 1))  # global index of the first left child under the parents
+        count = (end >> level) - first + 1  # children from `first` to the block holding `end`
         rights = count // 2
         lefts = _take(prefix, nb, slice(0, (count + 1) // 2))
         if rights:
-            right = combine(_take(prefix, nb, slice(0, rights)),
-                            _take(totals[level], nb, slice(0, 2 * rights, 2)))
+            sib = _with_root(totals[level], roots, level, c, nb)
+            right = combine(_take(prefix, nb, slice(0, rights)), _take(sib, nb, slice(0, 2 * rights, 2)))
             prefix = _interleave(lefts, right, nb, count)
         else:
             prefix = lefts
-    counter = Counter(identity=identity, count=n)
-    start = 0
-    for level in range(len(totals) - 1, -1, -1):  # one root per set bit of n, largest first
-        if n >> level & 1:
-            counter.roots.append((level, _take(totals[level], nb, start >> level)))
-            start += 1 << level
-            counter.folds.append(_take(prefix, nb, start))
-    return _take(prefix, nb, slice(0, n)), _take(prefix, nb, slice(1, n + 1)), counter
+        if (c >> level) & 1:  # the first child is a right child whose left sibling is an old root
+            prefix = _take(prefix, nb, slice(1, None))
+        if end >> level & 1:  # a root of the new counter ends at this level's block end >> level
+            new_folds[level] = _take(prefix, nb, (end >> level) - (c >> level))
+    out = Counter(identity=identity, count=end, calls=counter.calls if counter is not None else 0)
+    folds = []
+    for level in range(max(top, end.bit_length()), -1, -1):  # one root per set bit of c + n
+        if end >> level & 1:
+            j = (end >> level) - 1
+            if level < top:
+                out.roots.append((level, _take(totals[level], nb, j - (c >> level))))
+                folds.append(new_folds[level])
+            else:  # an old block: the same root as before
+                out.roots.append((level, roots[level]))
+                folds.append(old_folds[level])
+    out.folds = _drop_unneeded_folds(out.roots, folds)
+    return _take(prefix, nb, slice(0, n)), _take(prefix, nb, slice(1, n + 1)), out
+
+
+def _with_root(level_totals: State, roots: Dict[int, State], level: int, c: int, nb: int) -> State:
+    """Level totals from global index c >> level, with the old root in front when that is odd."""
+    if not (c >> level) & 1:
+        return level_totals
+    return _cat(_with_time(roots[level], nb, 1), level_totals, nb)
 
 
 def _interleave(lefts: State, rights: State, nb: int, count: int) -> State:
@@ -335,12 +382,12 @@ def scan(spec: Spec, elements: State, n: int, initial: StreamState, combine, bat
     counter = initial.counter.copy()
     counter.identity = _broadcast_state(counter.identity, batch, old_nb)
     counter.roots = [(lv, _broadcast_state(r, batch, old_nb)) for lv, r in counter.roots]
-    counter.folds = [_broadcast_state(f, batch, old_nb) for f in counter.folds]
+    counter.folds = [None if f is None else _broadcast_state(f, batch, old_nb) for f in counter.folds]
     if n == 0:
         empty = _take(elements, nb, slice(0, 0))
         return empty, empty, StreamState(batch, counter=counter)
-    if mode == "torch" and counter.count == 0:
-        excl, incl, counter = tree_scan(elements, n, nb, combine, counter.identity)
+    if mode == "torch":
+        excl, incl, counter = tree_scan(elements, n, nb, combine, counter.identity, counter)
     else:
         excl, incl = sequential_scan(elements, n, nb, combine, None, counter)
     return excl, incl, StreamState(batch, counter=counter)
