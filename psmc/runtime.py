@@ -36,14 +36,17 @@ class PsmOp(torch.nn.Module):
     # ---- configuration ----
     @property
     def associative(self) -> bool:
-        """Which semantics the op has: the checker's verdict, else the `expect` line.
+        """Which semantics the op has: the `expect` line, else the checker's verdict.
 
-        Without either the op is treated as non-associative: the canonical tree is always right,
-        only slower.
+        With `expect` the (slow) checker is not run here. Without it, only a verdict of
+        associative (proved, or no counterexample in the tests) selects the associative paths;
+        refuted or unknown keeps the canonical tree, which is always right, only slower.
         """
         if self._associative is not None:
             return self._associative
-        return self.ir.expect == "associative"
+        if self.ir.expect is not None:
+            return self.ir.expect == "associative"
+        return self.verdict.associative is True
 
     @property
     def verdict(self):
