@@ -12,6 +12,7 @@ import torch
 
 from . import ir, standalone
 from .codegen import module
+from .custom_op import custom_op_for
 from .semantics import Evaluator
 from .standalone import Prepared, PsmCallError, StreamState
 
@@ -30,6 +31,7 @@ class PsmOp(torch.nn.Module):
         self._associative = associative
         self._verdict = None
         self._generated: dict[str, Callable] | None = None
+        self._custom_op = custom_op_for(self) if not op.externs else None
         self._externs: dict[str, Callable] = {}
         self.externs = torch.nn.ModuleDict()
 
@@ -114,6 +116,16 @@ class PsmOp(torch.nn.Module):
     # ---- public API ----
     def forward(self, *, return_state: bool = False, initial_state: StreamState | None = None,
                 backend: str | None = None, **inputs: torch.Tensor):
+        if (torch.compiler.is_compiling() and not return_state and initial_state is None
+                and not self.ir.externs):
+            xs = [inputs[f.name] if f.name in inputs else _missing(self, f.name) for f in self.ir.inputs]
+            ys = self._custom_op(xs, backend or "auto")  # an opaque op torch.compile can trace
+            return ys[0] if len(ys) == 1 else tuple(ys)
+        return self._forward(return_state=return_state, initial_state=initial_state,
+                             backend=backend, **inputs)
+
+    def _forward(self, *, return_state: bool = False, initial_state: StreamState | None = None,
+                 backend: str | None = None, **inputs: torch.Tensor):
         backend = backend or "auto"
         if backend not in BACKENDS:
             raise PsmCallError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -134,8 +146,8 @@ class PsmOp(torch.nn.Module):
     def reference(self, *, return_state: bool = False, initial_state: StreamState | None = None,
                   **inputs: torch.Tensor):
         """The oracle: plain torch, sequential over T, exactly DESIGN.md section 1."""
-        return self.forward(return_state=return_state, initial_state=initial_state,
-                            backend="reference", **inputs)
+        return self._forward(return_state=return_state, initial_state=initial_state,
+                             backend="reference", **inputs)
 
     def init_state(self, batch_shape=(), device=None, dtype: torch.dtype | None = None) -> StreamState:
         """The empty stream: the identity (or an empty counter) for every batch element."""
@@ -166,3 +178,7 @@ def _triton_section(op: ir.Op, associative: bool) -> str:
     except ImportError:
         return ""
     return triton_module.generate(op, associative)
+
+
+def _missing(op: PsmOp, name: str):
+    raise PsmCallError(f"{op.name}: missing input '{name}'")
