@@ -67,13 +67,19 @@ def round_to(t: torch.Tensor, dtype: str) -> torch.Tensor:
 # ---- random externs ----------------------------------------------------------------------------
 
 class RandomExtern(torch.nn.Module):
-    """A small random net with an extern's declared shapes: tanh(W [args flattened] + b)."""
+    """A small random net with an extern's declared shapes: tanh(W [args flattened] + b).
 
-    def __init__(self, ext: ir.Extern, generator: torch.Generator):
+    `rows`: apply the net to each position of the leading axis separately (for chunked ops,
+    whose chunk axis comes first: a position-wise net is causal within a chunk, which streaming
+    needs, and still far from associative).
+    """
+
+    def __init__(self, ext: ir.Extern, generator: torch.Generator, rows: bool = False):
         super().__init__()
         self.ext = ext
-        n_in = sum(math.prod(a.shape) for a in ext.args)
-        n_out = math.prod(ext.result.shape)
+        self.rows = ext.result.shape[0] if rows else 1
+        n_in = sum(math.prod(a.shape) for a in ext.args) // self.rows
+        n_out = math.prod(ext.result.shape) // self.rows
         self.weight = torch.nn.Parameter(
             torch.randn(n_out, n_in, generator=generator, dtype=torch.float64) / math.sqrt(max(n_in, 1)),
             requires_grad=False)
@@ -81,8 +87,9 @@ class RandomExtern(torch.nn.Module):
                                        requires_grad=False)
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        n = args[0].shape[0]
-        x = torch.cat([a.reshape(n, -1).to(torch.float64) for a in args], dim=1)
+        n, k = args[0].shape[0], self.rows
+        x = torch.cat([a.reshape(n, k, math.prod(t.shape) // k).to(torch.float64)
+                       for a, t in zip(args, self.ext.args)], dim=2)
         y = torch.tanh(x @ self.weight.T + self.bias).reshape((n,) + self.ext.result.shape)
         want = self.ext.result.dtype
         if ir.is_float(want):
@@ -94,8 +101,14 @@ class RandomExtern(torch.nn.Module):
 
 
 def random_externs(op: ir.Op, seed: int = 0) -> dict[str, RandomExtern]:
+    """Random modules for every extern; position-wise along the chunk axis for chunked ops."""
     g = torch.Generator().manual_seed(seed)
-    return {e.name: RandomExtern(e, g) for e in op.externs}
+    out = {}
+    for e in op.externs:
+        shapes = [a.shape for a in e.args] + [e.result.shape]
+        rows = op.chunk is not None and all(s and s[0] == op.chunk for s in shapes)
+        out[e.name] = RandomExtern(e, g, rows)
+    return out
 
 
 # ---- the numeric harness -----------------------------------------------------------------------
@@ -303,13 +316,14 @@ class Counterexample:
         parts = []
         for k in self.failing_fields:
             d = self.difference[k]
-            what = "NaN on one side only" if math.isnan(d) else f"max |difference| {_num(d)}"
-            if self.rtol[k]:
+            if math.isnan(d):
+                parts.append(f"{k}: NaN on one side only")
+            elif self.rtol[k]:
                 scale = self.tolerance[k] / self.rtol[k]
-                parts.append(f"{k}: {what} (tolerance {_num(self.tolerance[k])} = rtol "
+                parts.append(f"{k}: max |difference| {_num(d)} (tolerance {_num(self.tolerance[k])} = rtol "
                              f"{self.rtol[k]:g} x scale {_num(scale)})")
             else:
-                parts.append(f"{k}: {what} (compared exactly)")
+                parts.append(f"{k}: max |difference| {_num(d)} (compared exactly)")
         lines.append("  difference: " + "; ".join(parts))
         return "\n".join(lines)
 
