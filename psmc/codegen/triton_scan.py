@@ -1,0 +1,217 @@
+"""Strategy `scan`: an associative op with a few scalars of state per lane, as one Triton kernel.
+
+The kernel (templates/triton_scan.j2) gives each program a block of lanes (independent sequences)
+and walks T in blocks: loads the block's tokens (any strides, any float dtype, upcast in
+registers), applies `lift` (fused into the load), scans the block with `tl.associative_scan` over
+the tuple of state scalars, folds in the carry from earlier blocks, applies `output` (fused into
+the store) and keeps the block's last prefix as the next carry. Positions past T become the
+identity, so after the loop the carry is the state after token T - 1: the final state.
+
+The launcher (`{op}_scan`, in templates/triton_launch.j2) reads every tensor's strides, folds the
+batch into at most three lane axes (outer o0, o1 and the inner, per-program axis) without copying,
+and picks block sizes.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .. import ir
+from . import scalarize as S
+from .templates import render
+from .triton_expr import statements, texpr
+
+# Above this many state scalars per lane the scan's register tuple gets too wide: use `recurrent`.
+MAX_SCAN_SCALARS = 32
+
+_TL_DTYPES = {"bool": "tl.int1", "i32": "tl.int32", "i64": "tl.int64", "f64": "tl.float64"}
+
+
+def state_dtype(dtype: str) -> str:
+    """The Triton dtype a state scalar is kept in: ACC (f32, or f64 for a float64 run) for floats."""
+    return _TL_DTYPES.get(dtype, "ACC")
+
+
+def _field_offset(prefix: str, f: S.FieldInfo, slot: S.Slot) -> str:
+    terms = []
+    for k, axis in enumerate(f.scalar_axes):
+        i = slot.index[k]
+        if i == 1:
+            terms.append(f"{prefix}_sf{k}")
+        elif i > 1:
+            terms.append(f"{i} * {prefix}_sf{k}")
+    return " + ".join(terms)
+
+
+def _plus(ptr: str, off: str) -> str:
+    return f"{ptr} + {off}" if off else ptr
+
+
+def _literal(v) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, float) and math.isinf(v):
+        return 'float("inf")' if v > 0 else 'float("-inf")'
+    return repr(v)
+
+
+def tensor_args(prefix: str, f: S.FieldInfo, timed: bool) -> str:
+    """`in_a_ptr, in_a_so0, in_a_so1, in_a_sl, in_a_st` + one stride per scalarized field axis."""
+    names = [f"{prefix}_ptr", f"{prefix}_so0", f"{prefix}_so1", f"{prefix}_sl"]
+    if timed:
+        names.append(f"{prefix}_st")
+    names += [f"{prefix}_sf{k}" for k in range(len(f.scalar_axes))]
+    return ", ".join(names)
+
+
+def spec(sop: S.ScalarOp) -> dict:
+    """What the launcher needs to know about the op: field ranks, lane axes, dtypes."""
+    def fields(fs):
+        return [{"name": f.name, "shape": list(f.shape), "dtype": f.dtype, "lane_axis": f.lane_axis}
+                for f in fs]
+    return {
+        "name": sop.op.name,
+        "lane": sop.lane.size if sop.lane else None,
+        "inputs": fields(sop.inputs),
+        "outputs": fields(sop.outputs),
+        "state": fields(sop.state),
+        "identity": {s.name: sop.identity_value(s) for s in sop.state_slots},
+        "scalars": len(sop.state_slots) + len(sop.input_slots),
+    }
+
+
+def _tuple(names: list[str]) -> str:
+    return ", ".join(names) + ("," if len(names) == 1 else "")
+
+
+def combine_function(sop: S.ScalarOp) -> tuple[str, list[str], str]:
+    """Parameters, body and return tuple of `{op}_combine(l..., r...)`."""
+    slots = sop.state_slots
+    params = ", ".join([f"l_{s.name}" for s in slots] + [f"r_{s.name}" for s in slots])
+    body = statements([(f"{a.name}", a.expr) for a in sop.combine.assigns], "c")
+    rets = []
+    for a, s in zip(sop.combine.assigns, slots):
+        if a.expr.free_symbols:
+            rets.append(f"{a.name}.to(l_{s.name}.dtype)")
+        else:
+            rets.append(f"tl.full(l_{s.name}.shape, {texpr(a.expr)}, l_{s.name}.dtype)")
+    return params, body, _tuple(rets)
+
+
+def _assign_lines(sop: S.ScalarOp, assigns, slots, prefix: str, tmp: str, masked) -> list[str]:
+    """`{prefix}_{slot} = …` for each scalar (shared subexpressions first), as [BLOCK_L, BLOCK_T] tiles.
+
+    `masked(slot)` gives (dtype, identity) to put the identity past the end of the sequence (lift);
+    None leaves the values as computed (output).
+    """
+    reps, reduced = _cse([a.expr for a in assigns], tmp)
+    lines = [f"{n} = {texpr(v)}" for n, v in reps]
+    float_inputs = {f"x_{s.name}" for f in sop.inputs if ir.is_float(f.dtype) for s in sop.slots(f)}
+    for a, s, v in zip(assigns, slots, reduced):
+        value = texpr(v)
+        names = {x.name for x in v.free_symbols}
+        if masked is None:
+            if not names:
+                value = f"tl.full([BLOCK_L, BLOCK_T], {value}, ACC)"
+            lines.append(f"{prefix}_{s.name} = {value}")
+            continue
+        dt, ident = masked(s)
+        if not names:
+            value = f"tl.full([BLOCK_L, BLOCK_T], {value}, {dt})"
+        elif dt != "ACC" or not names <= float_inputs | {str(n) for n, _ in reps}:
+            value = f"({value}).to({dt})"
+        lines.append(f"{prefix}_{s.name} = tl.where(mask, {value}, {ident})")
+    return lines
+
+
+def _cse(exprs, tmp: str):
+    import sympy as sp
+
+    return sp.cse(exprs, symbols=sp.numbered_symbols(tmp), order="none")
+
+
+def generate(op: ir.Op, sop: S.ScalarOp | None = None) -> str:
+    """The scan kernel and its combine function, as Triton source text."""
+    sop = sop or S.scalarize(op)
+    if len(sop.state_slots) > MAX_SCAN_SCALARS:
+        raise ValueError(f"{op.name}: {len(sop.state_slots)} state scalars per lane; strategy "
+                         f"scan takes at most {MAX_SCAN_SCALARS}")
+    name = op.name
+    slots = sop.state_slots
+    params, cbody, crets = combine_function(sop)
+
+    arg_groups = [tensor_args(f"in_{f.name}", f, True) for f in sop.inputs]
+    arg_groups += [tensor_args(f"out_{f.name}", f, True) for f in sop.outputs]
+    arg_groups += [tensor_args(f"init_{f.name}", f, False) for f in sop.state]
+    arg_groups += [tensor_args(f"final_{f.name}", f, False) for f in sop.state]
+
+    def base(prefix: str) -> str:
+        return (f"{prefix}_base = {prefix}_ptr + o0 * {prefix}_so0 + o1 * {prefix}_so1 "
+                f"+ lanes64[:, None] * {prefix}_sl")
+
+    used_inputs = {sym.name for fn in (sop.lift, sop.output) for a in fn.assigns
+                   for sym in a.expr.free_symbols if sym.name.startswith("x_")}
+    bases = [base(f"in_{f.name}") for f in sop.inputs]
+    bases += [base(f"out_{f.name}") for f in sop.outputs]
+    time_offsets = [f"in_{f.name}_t = in_{f.name}_base + t[None, :] * in_{f.name}_st" for f in sop.inputs]
+    time_offsets += [f"out_{f.name}_t = out_{f.name}_base + t[None, :] * out_{f.name}_st"
+                     for f in sop.outputs]
+
+    loads = []
+    for f in sop.inputs:
+        for s in sop.slots(f):
+            if f"x_{s.name}" not in used_inputs:
+                continue
+            ptr = _plus(f"in_{f.name}_t", _field_offset(f"in_{f.name}", f, s))
+            cast = ".to(ACC)" if ir.is_float(f.dtype) and f.dtype != "f64" else ""
+            loads.append(f"x_{s.name} = tl.load({ptr}, mask=mask, other=0){cast}")
+
+    lift = _assign_lines(sop, sop.lift.assigns, slots, "e", "u", lambda s: (
+        state_dtype(s.dtype), _literal(sop.identity_value(s))))
+    init_loads, fills, finals = [], [], []
+    for f in sop.state:
+        for s in sop.slots(f):
+            dt = state_dtype(s.dtype)
+            ident = _literal(sop.identity_value(s))
+            ptr = _plus(f"init_{f.name}_ptr + o0 * init_{f.name}_so0 + o1 * init_{f.name}_so1 "
+                        f"+ lanes64 * init_{f.name}_sl", _field_offset(f"init_{f.name}", f, s))
+            init_loads.append(f"c_{s.name} = tl.load({ptr}, mask=lane_ok, other={ident}).to({dt})[:, None]")
+            fills.append(f"c_{s.name} = tl.full([BLOCK_L, 1], {ident}, {dt})")
+            fptr = _plus(f"final_{f.name}_ptr + o0 * final_{f.name}_so0 + o1 * final_{f.name}_so1 "
+                         f"+ lanes64 * final_{f.name}_sl", _field_offset(f"final_{f.name}", f, s))
+            finals.append(f"tl.store({fptr}, tl.reshape(c_{s.name}, [BLOCK_L]), mask=lane_ok)")
+
+    out = _assign_lines(sop, sop.output.assigns, sop.output_slots, "y", "v", None)
+    stores = []
+    for s in sop.output_slots:
+        f = next(f for f in sop.outputs if f.name == s.field)
+        ptr = _plus(f"out_{f.name}_t", _field_offset(f"out_{f.name}", f, s))
+        stores.append(f"tl.store({ptr}, y_{s.name}.to(out_{f.name}_ptr.dtype.element_ty), mask=mask)")
+
+    return render(
+        "triton_scan.j2",
+        name=name,
+        combine_params=params,
+        combine_where=sop.where("combine"),
+        combine_body=cbody,
+        combine_returns=crets,
+        last_returns=_tuple([f"r_{s.name}" for s in slots]),
+        arg_groups=arg_groups,
+        bases=bases,
+        identity_where=f"{sop.path}:{sop.op.state[0].loc.line} state",
+        init_loads=init_loads,
+        identity_fills=fills,
+        time_offsets=time_offsets,
+        loads=loads,
+        lift_where=sop.where("lift"),
+        lift_body=lift,
+        scan_tuple=_tuple([f"s_{s.name}" for s in slots]),
+        scan_list=", ".join(f"s_{s.name}" for s in slots),
+        element_tuple=_tuple([f"e_{s.name}" for s in slots]),
+        carry_tuple=_tuple([f"c_{s.name}" for s in slots]),
+        carry_list=", ".join(f"c_{s.name}" for s in slots),
+        output_where=sop.where("output"),
+        output_body=out,
+        stores=stores,
+        final_stores=finals,
+    )
