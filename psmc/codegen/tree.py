@@ -1,0 +1,450 @@
+"""Strategy `tree`: the canonical tree of a non-associative expression op, as Triton kernels.
+
+DESIGN.md section 1 fixes the bracketing, so the kernels compute exactly that tree. A program owns
+one block of `BS = 2^LOG` elements that starts at a multiple of BS:
+
+- up-sweep, one straight-line step per level: `tl.reshape(t, [m, 2])` + `tl.split` pairs the
+  siblings, `combine(left, right)` gives the parents (the totals of the aligned sub-blocks);
+- down-sweep from the block's starting prefix P[b]: a left child inherits its parent's prefix, a
+  right child gets `combine(parent prefix, left sibling total)`, and `tl.join` + `tl.reshape`
+  interleave them (exclusive prefixes). Inclusive prefixes are the prefixes of the next position:
+  a left child's is its right sibling's exclusive prefix, a right child's is its parent's
+  inclusive prefix, so they cost no extra `combine`; the block's own inclusive prefix is P[b+1].
+
+The block totals form a shorter sequence whose canonical prefixes are exactly the P[b] (the blocks
+of size >= BS in a position's binary decomposition are the decomposition of its block index), so
+the launcher scans them with the same kernels (`*_s`: states in, prefixes out) and feeds them back.
+
+Backward: the reverse pass over the same tree. `combine_vjp`, `lift_vjp` and `output_vjp` are
+vector-Jacobian products of the scalarized functions, differentiated by sympy (`where` stays a
+`Piecewise`, so an untaken branch contributes an exact 0, never NaN * 0); structurally zero
+Jacobian entries are dropped. A backward kernel recomputes its block's forward in registers, runs
+the down-sweep in reverse (adjoints of the starting prefixes come out per block), then the
+up-sweep in reverse (the block total's adjoint comes in from the scan of the totals).
+
+Kernels (all take `ACC`, the accumulation dtype, and `HAS_START` where a block may have a start):
+  {op}_tree_up_x / _up_s        inputs (lift fused) / states  -> block totals
+  {op}_tree_down_x / _down_s    ... + block prefixes -> outputs (output fused) / all n+1 prefixes
+  {op}_tree_bwd_up_x / _up_s    adjoints of the block totals -> adjoints of inputs / states
+  {op}_tree_bwd_down_x / _down_s  adjoints of outputs / prefixes -> of inputs / states and of the
+                                block prefixes (`dps` for P[b], `dpe` for P[b+1])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import sympy as sp
+
+from .. import ir
+from . import scalarize as S
+from .templates import render
+from .triton_expr import TritonPrinter
+
+DEFAULT_BLOCK = 256
+
+
+class Unsupported(Exception):
+    """An op this strategy does not compile (the caller falls back to the torch level path)."""
+
+
+@dataclass(frozen=True)
+class FieldArgs:
+    name: str
+    size: int  # scalars per element (the field's flattened shape)
+    dtype: str
+
+
+@dataclass(frozen=True)
+class TreeKernels:
+    """Generated source and what a launcher needs to call it."""
+
+    op_name: str
+    block: int
+    source: str
+    state_slots: tuple[str, ...]
+    state_fields: tuple[FieldArgs, ...]
+    inputs: tuple[FieldArgs, ...]
+    outputs: tuple[FieldArgs, ...]
+    exclusive: bool
+
+    def kernel(self, kind: str) -> str:
+        return f"{self.op_name}_tree_{kind}"
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return ("up_x", "up_s", "down_x", "down_s", "bwd_up_x", "bwd_up_s", "bwd_down_x", "bwd_down_s")
+
+    def signature(self, kind: str, ptr: str = "*fp32") -> dict[str, str]:
+        """Argument types for ahead-of-time compilation (triton.compile with an ASTSource)."""
+        xs = [f"x_{f.name}_ptr" for f in self.inputs]
+        ys = [f"y_{f.name}_ptr" for f in self.outputs]
+        args = {
+            "up_x": xs + ["tot_ptr"],
+            "up_s": ["st_ptr", "tot_ptr"],
+            "down_x": xs + ["pin_ptr"] + ys,
+            "down_s": ["st_ptr", "pin_ptr", "pout_ptr"],
+            "bwd_up_x": xs + ["dtot_ptr"] + [f"dx_{f.name}_ptr" for f in self.inputs],
+            "bwd_up_s": ["st_ptr", "dtot_ptr", "dst_ptr"],
+            "bwd_down_x": xs + ["pin_ptr"] + [f"dy_{f.name}_ptr" for f in self.outputs]
+            + [f"dx_{f.name}_ptr" for f in self.inputs] + ["dps_ptr", "dpe_ptr"],
+            "bwd_down_s": ["st_ptr", "pin_ptr", "dp_ptr", "dst_ptr", "dps_ptr", "dpe_ptr"],
+        }[kind]
+        sig = {a: ptr for a in args}
+        sig["n"] = "i32"
+        if kind.endswith(("down_x", "down_s")):
+            sig["HAS_START"] = "constexpr"
+        sig["ACC"] = "constexpr"
+        return sig
+
+
+def supported(op: ir.Op) -> str | None:
+    """Why the tree kernels cannot run `op`, or None when they can."""
+    if op.externs:
+        return "it calls externs (strategy level runs those through torch)"
+    if op.chunk is not None:
+        return "it is chunked (strategy level runs chunked ops)"
+    for kind, fields in (("input", op.inputs), ("state", op.state), ("output", op.outputs)):
+        for f in fields:
+            if not ir.is_float(f.type.dtype):
+                return f"{kind} '{f.name}' is {f.type.dtype}; the tree kernels keep floats only"
+    return None
+
+
+# ---- the scalar functions and their vector-Jacobian products ---------------------------------
+
+class _Printer(TritonPrinter):
+    """Triton text that calls only builtins: the standard library's @jit helpers (tl.sigmoid,
+    tl.zeros_like, tl.cdiv) cannot be called from a kernel built for the interpreter in a process
+    that imported Triton without it, which is how CPU calls and ahead-of-time compiles coexist."""
+
+    def _print_sigmoid(self, e):
+        return f"(1.0 / (1.0 + tl.exp(-({self._print(e.args[0])}))))"
+
+    def _print_tanh(self, e):
+        return f"(2.0 / (1.0 + tl.exp(-2.0 * ({self._print(e.args[0])}))) - 1.0)"
+
+
+_PRINTER = _Printer({"order": "none"})
+
+
+def texpr(e: sp.Expr) -> str:
+    return _PRINTER.doprint(e)
+
+
+def statements(targets: list[tuple[str, sp.Expr]], tmp: str) -> list[str]:
+    """`name = expr` lines, shared subexpressions first as `{tmp}0, {tmp}1, ...` (sympy's cse)."""
+    exprs = [sp.sympify(e) for _, e in targets]
+    reps, reduced = sp.cse(exprs, symbols=sp.numbered_symbols(tmp), order="none")
+    return [f"{s} = {texpr(v)}" for s, v in reps] + [f"{n} = {texpr(v)}" for (n, _), v in zip(targets, reduced)]
+
+
+def _literal(v) -> str:
+    if isinstance(v, bool):
+        return "1.0" if v else "0.0"
+    v = float(v)
+    if math.isinf(v):
+        return 'float("inf")' if v > 0 else 'float("-inf")'
+    return repr(v)
+
+
+def _tuple(names: list[str]) -> str:
+    return ", ".join(names) + ("," if len(names) == 1 else "")
+
+
+def _function(name: str, params: list[str], assigns: list[tuple[str, sp.Expr]], ref: str,
+              tmp: str, where: str) -> dict:
+    """A @triton.jit helper: `name(params) -> assigned values` (constants broadcast like `ref`)."""
+    live = [(n, e) for n, e in assigns if e.free_symbols]
+    body = statements(live, tmp) if live else []
+    rets = []
+    for n, e in assigns:
+        if e.free_symbols:
+            rets.append(f"{n}.to({ref}.dtype)")
+        elif e == 0:
+            rets.append(f"tl.full({ref}.shape, 0.0, {ref}.dtype)")
+        else:
+            rets.append(f"tl.full({ref}.shape, {texpr(e)}, {ref}.dtype)")
+    return {"name": name, "params": ", ".join(params), "where": where, "body": body,
+            "returns": _tuple(rets)}
+
+
+def _vjp(name: str, params: list[str], assigns: list[tuple[str, sp.Expr]], wrt: list[str],
+         tmp: str, where: str) -> dict:
+    """`name(params, g_outs) -> d/d(wrt) of sum_i g_i * out_i`, zero entries dropped."""
+    gs = [f"g_{n}" for n, _ in assigns]
+    grads = []
+    for w in wrt:
+        sym = sp.Symbol(w)
+        total = sp.Integer(0)
+        for g, (_, e) in zip(gs, assigns):
+            if sym in e.free_symbols:
+                d = sp.diff(e, sym)
+                if d != 0:
+                    total = total + sp.Symbol(g) * d
+        grads.append((f"d_{w}", total))
+    ref = params[0]
+    return _function(name, params + gs, grads, ref, tmp, where)
+
+
+# ---- the kernel bodies, line by line ----------------------------------------------------------
+
+class _Body:
+    """Builds the straight-line pieces of the kernels for one op and one block size."""
+
+    def __init__(self, sop: S.ScalarOp, block: int):
+        self.sop = sop
+        self.name = sop.op.name
+        self.BS = block
+        self.LOG = block.bit_length() - 1
+        self.slots = [s.name for s in sop.state_slots]
+        self.ident = {s.name: _literal(sop.identity_value(s)) for s in sop.state_slots}
+        self.NS = len(self.slots)
+        self.exclusive = sop.op.exclusive
+
+    def fn(self, kind: str) -> str:
+        return f"{self.name}_tree_{kind}"
+
+    def vars(self, prefix: str) -> list[str]:
+        return [f"{prefix}_{s}" for s in self.slots]
+
+    def call(self, outs: list[str], fn: str, *groups: list[str]) -> str:
+        args = ", ".join(a for g in groups for a in g)
+        return f"{_tuple(outs)} = {self.fn(fn)}({args})"
+
+    # -- loads and stores --
+    def load_x(self) -> list[str]:
+        out = []
+        for f in self.sop.inputs:
+            size = math.prod(f.shape)
+            for k, s in enumerate(self.sop.slots(f)):
+                out.append(f"x_{s.name} = tl.load(x_{f.name}_ptr + pos * {size} + {k}, mask=mask, "
+                           f"other=0).to(ACC)")
+        return out
+
+    def x_vars(self) -> list[str]:
+        return [f"x_{s.name}" for s in self.sop.input_slots]
+
+    def lift(self) -> list[str]:
+        out = [f"# {self.sop.where('lift')}; past the end: the identity",
+               self.call(self.vars("t0"), "lift", self.x_vars())]
+        out += [f"t0_{s} = tl.where(mask, t0_{s}, {self.ident[s]})" for s in self.slots]
+        return out
+
+    def load_s(self, ptr: str = "st_ptr") -> list[str]:
+        return [f"t0_{s} = tl.load({ptr} + pos * {self.NS} + {j}, mask=mask, "
+                f"other={self.ident[s]}).to(ACC)" for j, s in enumerate(self.slots)]
+
+    def up(self) -> list[str]:
+        """Up-sweep: t{k+1} = combine(tl{k}, tr{k}); the halves are kept for the down-sweep."""
+        out = []
+        for k in range(self.LOG):
+            m = self.BS >> (k + 1)
+            out.append(f"# level {k} -> {k + 1}: {m} parent{'s' if m > 1 else ''}")
+            for s in self.slots:
+                out.append(f"tl{k}_{s}, tr{k}_{s} = tl.split(tl.reshape(t{k}_{s}, [{m}, 2]))")
+            out.append(self.call(self.vars(f"t{k + 1}"), "combine", self.vars(f"tl{k}"), self.vars(f"tr{k}")))
+        return out
+
+    def start(self, need_q: bool) -> tuple[list[str], list[str]]:
+        """(with a start prefix, without): p{LOG} = P[b] and q{LOG} = P[b+1] as 1-element tensors."""
+        L, NS = self.LOG, self.NS
+        one = "tl.arange(0, 1)"
+        given = [f"p{L}_{s} = tl.load(pin_ptr + (prow + blk) * {NS} + {j} + {one}).to(ACC)"
+                 for j, s in enumerate(self.slots)]
+        if need_q:
+            given += [f"q{L}_{s} = tl.load(pin_ptr + (prow + blk + 1) * {NS} + {j} + {one}).to(ACC)"
+                      for j, s in enumerate(self.slots)]
+        none = [f"p{L}_{s} = tl.full([1], {self.ident[s]}, ACC)" for s in self.slots]
+        if need_q:  # the whole sequence is this block: its end prefix is combine(e, total)
+            none.append(self.call(self.vars(f"q{L}"), "combine", self.vars(f"p{L}"), self.vars(f"t{L}")))
+        return given, none
+
+    def down(self, need_p0: bool, need_q: bool) -> list[str]:
+        out = []
+        for k in range(self.LOG - 1, -1, -1):
+            m = self.BS >> k
+            out.append(f"# level {k + 1} -> {k}: right children get combine(parent prefix, left sibling)")
+            out.append(self.call(self.vars(f"rp{k}"), "combine", self.vars(f"p{k + 1}"), self.vars(f"tl{k}")))
+            for s in self.slots:
+                if k > 0 or need_p0:
+                    out.append(f"p{k}_{s} = tl.reshape(tl.join(p{k + 1}_{s}, rp{k}_{s}), [{m}])")
+                if need_q:
+                    out.append(f"q{k}_{s} = tl.reshape(tl.join(rp{k}_{s}, q{k + 1}_{s}), [{m}])")
+        return out
+
+    def output(self) -> list[str]:
+        pre = "p0" if self.exclusive else "q0"
+        outs = [f"y_{s.name}" for s in self.sop.output_slots]
+        lines = [f"# {self.sop.where('output')} ({'exclusive' if self.exclusive else 'inclusive'} prefix)",
+                 self.call(outs, "output", self.vars(pre), self.x_vars())]
+        for f in self.sop.outputs:
+            size = math.prod(f.shape)
+            for k, s in enumerate(self.sop.slots(f)):
+                lines.append(f"tl.store(y_{f.name}_ptr + pos * {size} + {k}, "
+                             f"y_{s.name}.to(y_{f.name}_ptr.dtype.element_ty), mask=mask)")
+        return lines
+
+    def store_prefixes(self) -> list[str]:
+        NS = self.NS
+        out = [f"tl.store(pout_ptr + ppos * {NS} + {j}, p0_{s}, mask=mask)" for j, s in enumerate(self.slots)]
+        out += [f"tl.store(pout_ptr + (ppos + 1) * {NS} + {j}, q0_{s}, mask=last)"
+                for j, s in enumerate(self.slots)]
+        return out
+
+    def store_total(self) -> list[str]:
+        L, NS = self.LOG, self.NS
+        return [f"tl.store(tot_ptr + (trow + blk) * {NS} + {j} + tl.arange(0, 1), t{L}_{s})"
+                for j, s in enumerate(self.slots)]
+
+    # -- backward --
+    def load_gy(self) -> list[str]:
+        out = []
+        for f in self.sop.outputs:
+            size = math.prod(f.shape)
+            for k, s in enumerate(self.sop.slots(f)):
+                out.append(f"gy_{s.name} = tl.load(dy_{f.name}_ptr + pos * {size} + {k}, mask=mask, "
+                           f"other=0).to(ACC)")
+        return out
+
+    def output_vjp(self) -> list[str]:
+        pre = "p0" if self.exclusive else "q0"
+        g = "gp0" if self.exclusive else "gq0"
+        gy = [f"gy_{s.name}" for s in self.sop.output_slots]
+        gx = [f"gxo_{s.name}" for s in self.sop.input_slots]
+        out = [f"# {self.sop.where('output')}, reversed",
+               self.call(self.vars(g) + gx, "output_vjp", self.vars(pre), self.x_vars(), gy)]
+        out += [f"{g}_{s} = tl.where(mask, {g}_{s}, 0.0)" for s in self.slots]
+        return out
+
+    def load_gp(self) -> list[str]:
+        NS = self.NS
+        out = [f"gp0_{s} = tl.load(dp_ptr + ppos * {NS} + {j}, mask=mask, other=0).to(ACC)"
+               for j, s in enumerate(self.slots)]
+        out += [f"gq0_{s} = tl.load(dp_ptr + (ppos + 1) * {NS} + {j}, mask=last, other=0).to(ACC)"
+                for j, s in enumerate(self.slots)]
+        return out
+
+    def down_reversed(self, have_p0: bool, have_q: bool) -> list[str]:
+        out = []
+        for k in range(self.LOG):
+            m = self.BS >> (k + 1)
+            out.append(f"# level {k} -> {k + 1}, reversed")
+            have_p = k > 0 or have_p0
+            for s in self.slots:
+                if have_p:
+                    out.append(f"gpa{k}_{s}, grpa{k}_{s} = tl.split(tl.reshape(gp{k}_{s}, [{m}, 2]))")
+                if have_q:
+                    out.append(f"grpb{k}_{s}, gq{k + 1}_{s} = tl.split(tl.reshape(gq{k}_{s}, [{m}, 2]))")
+                parts = ([f"grpa{k}_{s}"] if have_p else []) + ([f"grpb{k}_{s}"] if have_q else [])
+                out.append(f"grp{k}_{s} = {' + '.join(parts)}")
+            out.append(self.call(self.vars(f"gpl{k}") + self.vars(f"gtl{k}"), "combine_vjp",
+                                 self.vars(f"p{k + 1}"), self.vars(f"tl{k}"), self.vars(f"grp{k}")))
+            for s in self.slots:
+                out.append(f"gp{k + 1}_{s} = gpa{k}_{s} + gpl{k}_{s}" if have_p else f"gp{k + 1}_{s} = gpl{k}_{s}")
+        return out
+
+    def start_reversed(self, have_q: bool) -> tuple[list[str], list[str]]:
+        """(with a start: store the prefixes' adjoints, total gets none; without: q{LOG}'s share)."""
+        L, NS = self.LOG, self.NS
+        one = "tl.arange(0, 1)"
+        given = [f"tl.store(dps_ptr + (trow + blk) * {NS} + {j} + {one}, gp{L}_{s})"
+                 for j, s in enumerate(self.slots)]
+        if have_q:
+            given += [f"tl.store(dpe_ptr + (trow + blk) * {NS} + {j} + {one}, gq{L}_{s})"
+                      for j, s in enumerate(self.slots)]
+        given += [f"gt{L}_{s} = tl.full([1], 0.0, ACC)" for s in self.slots]
+        if have_q:
+            none = [self.call(self.vars("gee") + self.vars(f"gt{L}"), "combine_vjp",
+                              self.vars(f"p{L}"), self.vars(f"t{L}"), self.vars(f"gq{L}"))]
+        else:
+            none = [f"gt{L}_{s} = tl.full([1], 0.0, ACC)" for s in self.slots]
+        return given, none
+
+    def load_gtot(self) -> list[str]:
+        L, NS = self.LOG, self.NS
+        return [f"gt{L}_{s} = tl.load(dtot_ptr + (trow + blk) * {NS} + {j} + tl.arange(0, 1)).to(ACC)"
+                for j, s in enumerate(self.slots)]
+
+    def up_reversed(self, with_down: bool) -> list[str]:
+        out = []
+        for k in range(self.LOG - 1, -1, -1):
+            m = self.BS >> k
+            out.append(f"# level {k} -> {k + 1}, reversed")
+            out.append(self.call(self.vars(f"gul{k}") + self.vars(f"gur{k}"), "combine_vjp",
+                                 self.vars(f"tl{k}"), self.vars(f"tr{k}"), self.vars(f"gt{k + 1}")))
+            for s in self.slots:
+                left = f"gul{k}_{s} + gtl{k}_{s}" if with_down else f"gul{k}_{s}"
+                out.append(f"gt{k}_{s} = tl.reshape(tl.join({left}, gur{k}_{s}), [{m}])")
+        return out
+
+    def lift_vjp_store(self, with_output: bool) -> list[str]:
+        gx = [f"gx_{s.name}" for s in self.sop.input_slots]
+        out = [f"# {self.sop.where('lift')}, reversed",
+               self.call(gx, "lift_vjp", self.x_vars(), self.vars("gt0"))]
+        for f in self.sop.inputs:
+            size = math.prod(f.shape)
+            for k, s in enumerate(self.sop.slots(f)):
+                v = f"gx_{s.name} + gxo_{s.name}" if with_output else f"gx_{s.name}"
+                out.append(f"tl.store(dx_{f.name}_ptr + pos * {size} + {k}, {v}, mask=mask)")
+        return out
+
+    def store_gs(self) -> list[str]:
+        return [f"tl.store(dst_ptr + pos * {self.NS} + {j}, gt0_{s}, mask=mask)"
+                for j, s in enumerate(self.slots)]
+
+
+def generate(op: ir.Op, block: int = DEFAULT_BLOCK) -> TreeKernels:
+    """The tree kernels of `op` for blocks of `block` (a power of two >= 2) elements."""
+    why = supported(op)
+    if why:
+        raise Unsupported(f"{op.name}: strategy tree cannot compile this op: {why}")
+    if block < 2 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 2, got {block}")
+    sop = S.ScalarOp(op)
+    b = _Body(sop, block)
+    name = op.name
+    st = [s.name for s in sop.state_slots]
+    xs = [f"x_{s.name}" for s in sop.input_slots]
+    ls, rs, ss = [f"l_{s}" for s in st], [f"r_{s}" for s in st], [f"s_{s}" for s in st]
+    lift_a = [(a.name, a.expr) for a in sop.lift.assigns]
+    comb_a = [(a.name, a.expr) for a in sop.combine.assigns]
+    out_a = [(a.name, a.expr) for a in sop.output.assigns]
+    helpers = [
+        _function(b.fn("lift"), xs, lift_a, xs[0], "u", sop.where("lift")),
+        _function(b.fn("combine"), ls + rs, comb_a, ls[0], "c", sop.where("combine")),
+        _function(b.fn("output"), ss + xs, out_a, ss[0], "v", sop.where("output")),
+        _vjp(b.fn("combine_vjp"), ls + rs, comb_a, ls + rs, "j", sop.where("combine") + ", differentiated"),
+        _vjp(b.fn("lift_vjp"), xs, lift_a, xs, "j", sop.where("lift") + ", differentiated"),
+        _vjp(b.fn("output_vjp"), ss + xs, out_a, ss + xs, "j", sop.where("output") + ", differentiated"),
+    ]
+    excl = op.exclusive
+    out_start_given, out_start_none = b.start(need_q=not excl)
+    pre_start_given, pre_start_none = b.start(need_q=True)
+    bo_given, bo_none = b.start_reversed(have_q=not excl)
+    bp_given, bp_none = b.start_reversed(have_q=True)
+    fields = lambda fs: tuple(FieldArgs(f.name, math.prod(f.shape), f.dtype) for f in fs)
+    kernels = TreeKernels(
+        op_name=name, block=block, source="", state_slots=tuple(st), state_fields=fields(sop.state),
+        inputs=fields(sop.inputs), outputs=fields(sop.outputs), exclusive=excl)
+    sig = {k: ", ".join(a for a in kernels.signature(k) if a not in ("n", "HAS_START", "ACC"))
+           for k in kernels.kinds}
+    source = render(
+        "tree.j2", name=name, path=sop.path, block=block, log=b.LOG, ns=b.NS, helpers=helpers, sig=sig,
+        load_x=b.load_x(), lift=b.lift(), load_s=b.load_s(), up=b.up(),
+        out_start_given=out_start_given, out_start_none=out_start_none,
+        pre_start_given=pre_start_given, pre_start_none=pre_start_none,
+        out_down=b.down(need_p0=excl, need_q=not excl), pre_down=b.down(need_p0=True, need_q=True),
+        output=b.output(), store_prefixes=b.store_prefixes(), store_total=b.store_total(),
+        load_gy=b.load_gy(), output_vjp=b.output_vjp(), load_gp=b.load_gp(),
+        out_down_rev=b.down_reversed(have_p0=excl, have_q=not excl),
+        pre_down_rev=b.down_reversed(have_p0=True, have_q=True),
+        bo_given=bo_given, bo_none=bo_none, bp_given=bp_given, bp_none=bp_none,
+        load_gtot=b.load_gtot(), up_rev_down=b.up_reversed(with_down=True),
+        up_rev_only=b.up_reversed(with_down=False),
+        lift_vjp_down=b.lift_vjp_store(with_output=True), lift_vjp_up=b.lift_vjp_store(with_output=False),
+        store_gs=b.store_gs(),
+    )
+    return TreeKernels(name, block, source, kernels.state_slots, kernels.state_fields, kernels.inputs,
+                       kernels.outputs, excl)
