@@ -495,5 +495,11 @@ def state_scalars(op: ir.Op, lane: LaneDim | None) -> int:
 
 
 def scalarize(op: ir.Op) -> ScalarOp:
-    """The op scalarized along its best lane dim (or fully, when it has none)."""
+    """The op scalarized along its best lane dim (or fully, when it has none); cached per op."""
+    return _scalarize_cached(op.source.text, op.source.path, op.name, op.dims)
+
+
+@lru_cache(maxsize=128)
+def _scalarize_cached(text: str, path: str, name: str, dims) -> ScalarOp:
+    op = _recheck_cached(text, path, name, tuple(sorted(dims)))
     return ScalarOp(op, lane_dim(op))

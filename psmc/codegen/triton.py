@@ -72,3 +72,46 @@ def generate_module(op: ir.Op, version: str) -> str:
                + (f", lanes along {sop.lane.name} = {sop.lane.size}" if sop.lane else "") + ".")
     return render("triton_module.j2", name=op.name, version=version, path=sop.path,
                   summary=summary, section=generate_module_section(op))
+
+
+_PTR = {"f16": "*fp16", "bf16": "*bf16", "f32": "*fp32", "f64": "*fp64", "i32": "*i32",
+        "i64": "*i64", "bool": "*i1"}
+
+
+def kernel_signatures(op: ir.Op, input_dtype: str = "f32") -> list[tuple[str, dict, dict]]:
+    """(kernel name, signature, constexprs) of every kernel of the op, for `triton.compile`.
+
+    Float inputs are typed `input_dtype` (f32, f16 or bf16: the kernels upcast in registers);
+    outputs and state are f32, integers as declared. Every optional branch is switched on.
+    """
+    sop = S.scalarize(op)
+    spec = triton_scan.spec(sop)
+    types: dict[str, str] = {}
+    for f in spec["inputs"]:
+        types[f"in_{f['name']}_ptr"] = _PTR[input_dtype if f["dtype"] in ("f16", "bf16", "f32") else f["dtype"]]
+    for f in spec["outputs"]:
+        types[f"out_{f['name']}_ptr"] = _PTR[f["dtype"]]
+    for f in spec["state"]:
+        types[f"init_{f['name']}_ptr"] = types[f"final_{f['name']}_ptr"] = _PTR[f["dtype"]]
+    tile = 1 << (8192 // max(1, spec["scalars"])).bit_length() - 1
+    block_t = max(128, min(2048, tile))
+    constexprs = {"HAS_INIT": True, "STORE_FINAL": True, "ACC": "fp32", "BLOCK_L": 1, "BLOCK_T": block_t}
+    return [(f"{op.name}_scan_kernel", types, constexprs)]
+
+
+def compile_ahead(op: ir.Op, module, arch: int = 90, input_dtype: str = "f32") -> list:
+    """Compile every kernel of a generated module for `sm_{arch}` without a GPU (triton.compile)."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    out = []
+    for name, types, constexprs in kernel_signatures(op, input_dtype):
+        fn = getattr(module, name)
+        consts = {k: (getattr(tl, {"fp32": "float32", "fp64": "float64"}[v]) if k == "ACC" else v)
+                  for k, v in constexprs.items()}
+        signature = {a: ("constexpr" if a in consts else types.get(a, "i32")) for a in fn.arg_names}
+        src = ASTSource(fn, signature, constexprs=consts)
+        out.append(triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4}))
+    return out

@@ -1,0 +1,50 @@
+"""Shared pieces of the Triton tests: the associative examples, input draws, comparisons."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+import psmc
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+# Every associative example whose state fits strategy scan.
+SCAN_OPS = ["cumsum", "cummax", "logcumsumexp", "linrec", "rotation", "affine", "s5", "cumcount",
+            "softmax_attn"]
+
+
+@lru_cache(maxsize=None)
+def load(name: str, **dims: int) -> psmc.PsmOp:
+    return psmc.compile_file(EXAMPLES / f"{name}.psm", **dims)[name]
+
+
+def draw(op: psmc.PsmOp, lead: tuple[int, ...], dtype=torch.float64, gen=None) -> dict[str, torch.Tensor]:
+    """Inputs shaped (*lead, *field) in each input's declared range (default [-1, 1])."""
+    out = {}
+    for f in op.ir.inputs:
+        shape = lead + f.type.shape
+        if f.type.dtype in ("i32", "i64"):
+            lo, hi = f.range or (-5, 5)
+            out[f.name] = torch.randint(int(lo), int(hi) + 1, shape, generator=gen,
+                                        dtype=torch.int32 if f.type.dtype == "i32" else torch.int64)
+        else:
+            lo, hi = f.range or (-1.0, 1.0)
+            out[f.name] = (torch.rand(shape, generator=gen, dtype=torch.float64) * (hi - lo) + lo).to(dtype)
+    return out
+
+
+def as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def assert_close(got, want, rtol: float, atol: float, what: str = "") -> None:
+    for g, w in zip(as_tuple(got), as_tuple(want)):
+        assert g.shape == w.shape, f"{what}: shape {tuple(g.shape)} != {tuple(w.shape)}"
+        assert g.dtype == w.dtype, f"{what}: dtype {g.dtype} != {w.dtype}"
+        if g.dtype.is_floating_point:
+            torch.testing.assert_close(g, w, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+        else:
+            assert torch.equal(g, w), what
