@@ -137,6 +137,10 @@ def cmd_test(args) -> int:
             except AssertionError as e:
                 status, detail = "FAIL", "\n" + "\n".join("    " + x for x in str(e).splitlines())
                 failed += 1
+            except Exception as e:  # a path that crashes fails its test; the others still run
+                msg = f"{type(e).__name__}: {e}"
+                status, detail = "FAIL", "\n" + "\n".join("    " + x for x in msg.splitlines()[:20])
+                failed += 1
             progress.done()
             print(f"{status}  {path}: op {op.name} {what}{note} [{time.perf_counter() - t0:.2f} s]{detail}",
                   flush=True)

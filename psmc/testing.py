@@ -184,17 +184,34 @@ def check_laws(op, *, associative: bool | None = None, identity: bool | None = N
 # ---- duality -----------------------------------------------------------------------------------
 
 def available_backends(op, device: str | torch.device = "cpu") -> list[str]:
-    """The parallel paths this op can run here: "torch", and "triton" once its backend exists."""
+    """The parallel paths this op may run here: "torch", and "triton" when psmc.triton_backend
+    imports and does not rule the op out (`supports(op)`, where it has one). Per call, a backend's
+    `why_not(op, prepared)` can still decline (see `_declines`): such calls are skipped."""
     out = ["torch"]
-    if importlib.util.find_spec("psmc.triton_backend") is not None:
-        try:
-            tb = importlib.import_module("psmc.triton_backend")
-        except Exception:  # triton missing or broken: the torch path still works
-            tb = None
-        supports = getattr(tb, "supports", None)
-        if tb is not None and (supports is None or supports(op)):
-            out.append("triton")
+    tb = _backend_module("triton")
+    supports = getattr(tb, "supports", None)
+    if tb is not None and (supports is None or supports(op)):
+        out.append("triton")
     return out
+
+
+def _backend_module(name: str):
+    mod = f"psmc.{name}_backend"
+    if name == "torch" or importlib.util.find_spec(mod) is None:
+        return None
+    try:
+        return importlib.import_module(mod)
+    except Exception:  # e.g. triton missing or broken: the torch path still works
+        return None
+
+
+def _declines(op, name: str, x: dict[str, torch.Tensor]) -> str | None:
+    """Why backend `name` will not take this call (its own `why_not`), or None."""
+    tb = _backend_module(name)
+    why_not = getattr(tb, "why_not", None)
+    if why_not is None:
+        return None
+    return why_not(op, op._prepare(x))
 
 
 def check_duality(op, *, max_examples: int = 20, seed: int = 0, device: str | torch.device = "cpu",
@@ -242,6 +259,8 @@ def _duality_once(op, x: dict[str, torch.Tensor], frac: float, backends: list[st
     for name in backends:
         dtype, tol = BACKENDS.get(name, (torch.float64, rtol))
         xi = {k: v.to(dtype) if v.is_floating_point() else v for k, v in x.items()}
+        if _declines(op, name, xi):
+            continue
         want = ref if dtype == torch.float64 else _outs(op.reference(**{
             k: v.to(torch.float64) if v.is_floating_point() else v for k, v in xi.items()}))
         same(f'backend="{name}"', op(**xi, backend=name), want, tol)
