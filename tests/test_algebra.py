@@ -15,7 +15,7 @@ import psmc
 from psmc import symbolic
 from psmc.algebra import check_op
 from psmc.cli import main as cli_main
-from psmc.counterexample import Harness, Sample
+from psmc.counterexample import Harness
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -268,7 +268,7 @@ def test_nan_identity_is_caught(tmp_path):
     assert cx.tokens["a"] == []  # e itself: combine(e, e) = (-inf, nan)
     assert math.isnan(cx.sides["combine(e, a)"]["z"]) and cx.states["a"]["m"] == -math.inf
     assert "NaN" in cx.text()
-    assert json.loads(json.dumps(v.to_dict()))  # JSON-safe despite inf/nan
+    assert json.loads(json.dumps(v.to_dict(), allow_nan=False))  # JSON-safe despite inf/nan
     f = tmp_path / "lse.psm"
     f.write_text(LSE_NO_GUARD)
     assert cli_main(["check", str(f), "--max-examples", "10"]) == 1
