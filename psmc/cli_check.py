@@ -122,6 +122,7 @@ def cmd_test(args) -> int:
         note = ""
         if op.ir.externs:
             op.bind(**testing.random_externs(op.ir, args.seed))
+            op.to(args.device)
             note = " (externs: random modules)"
         checks = (
             ("laws", lambda: testing.check_laws(op, max_examples=args.max_examples, seed=args.seed)),

@@ -90,7 +90,8 @@ class RandomExtern(torch.nn.Module):
         n, k = args[0].shape[0], self.rows
         x = torch.cat([a.reshape(n, k, math.prod(t.shape) // k).to(torch.float64)
                        for a, t in zip(args, self.ext.args)], dim=2)
-        y = torch.tanh(x @ self.weight.T + self.bias).reshape((n,) + self.ext.result.shape)
+        w, b = self.weight.to(x.device), self.bias.to(x.device)
+        y = torch.tanh(x @ w.T + b).reshape((n,) + self.ext.result.shape)
         want = self.ext.result.dtype
         if ir.is_float(want):
             dtype = args[0].dtype if args[0].is_floating_point() else torch.float32
