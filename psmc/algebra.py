@@ -155,6 +155,9 @@ class Verdict:
             out.append(f"proofs expand the state at {used} (declared {decl}); tests run at {decl}")
         elif self.dims:
             out.append("proofs hold for " + ", ".join(f"{k}={v}" for k, v in self.dims.items()))
+        if any(r.status == "proved" for r in self.laws.values()):
+            out.append("proofs: exact real arithmetic on finite state values; the identity "
+                       "element against itself is checked in IEEE arithmetic")
         for law in LAWS:
             r = self.laws[law]
             if r.note and not (law == "commutative" and r.status == "refuted"):

@@ -244,19 +244,16 @@ class Translator:
 
     def _index(self, e: ir.Index) -> Arr:
         a = self.eval(e.base)
-        # Map each output axis to (input axis, offset) or None (a new axis).
-        out_shape, picks = [], []  # picks: per input axis, a fixed index or an output axis
-        axis = 0
+        # picks: per input axis, ("int", i) or ("slice", output axis, start); `None` adds an axis
+        out_shape, picks = [], []
         for it in e.items:
             if it.kind == "newaxis":
                 out_shape.append(1)
             elif it.kind == "int":
                 picks.append(("int", it.start))
-                axis += 1
             else:
                 picks.append(("slice", len(out_shape), it.start))
                 out_shape.append(it.stop - it.start)
-                axis += 1
 
         def get(ix):
             src = tuple(p[1] if p[0] == "int" else p[2] + ix[p[1]] for p in picks)
