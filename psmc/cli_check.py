@@ -50,6 +50,9 @@ def add_test_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-examples", type=_positive_int, default=50, metavar="N",
                    help="Hypothesis examples per property (default 50)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    p.add_argument("--backend", action="append", choices=["torch", "triton"], metavar="NAME",
+                   help="compare only this parallel path with the reference (repeatable; "
+                        "default: every available one)")
     p.add_argument("--set", action="append", metavar="DIM=V", help="set a static dim, e.g. K=128")
     p.set_defaults(func=_guarded(cmd_test))
     return p
@@ -127,7 +130,8 @@ def cmd_test(args) -> int:
         checks = (
             ("laws", lambda: testing.check_laws(op, max_examples=args.max_examples, seed=args.seed)),
             ("duality", lambda: testing.check_duality(
-                op, max_examples=max(1, args.max_examples // 2), seed=args.seed, device=args.device)),
+                op, max_examples=max(1, args.max_examples // 2), seed=args.seed, device=args.device,
+                backends=args.backend)),
         )
         for what, run in checks:
             progress.start(f"{op.name}: {what}")

@@ -121,12 +121,13 @@ def test_backends_list_torch_and_triton_only_when_available():
 # ---- psmc test ----------------------------------------------------------------------------------
 
 def test_cli_test_exit_codes(tmp_path, capsys):
-    assert cli_main(["test", str(EXAMPLES / "cumsum.psm"), "--max-examples", "5"]) == 0
+    assert cli_main(["test", str(EXAMPLES / "cumsum.psm"), "--max-examples", "5",
+                     "--backend", "torch"]) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and "laws" in out and "duality" in out
     wrong = tmp_path / "wrong.psm"
     wrong.write_text((EXAMPLES / "nonassoc_mix.psm").read_text().replace(
         "expect nonassociative", "expect associative").replace("D = 4", "D = 2"))
-    assert cli_main(["test", str(wrong), "--max-examples", "10"]) == 1
+    assert cli_main(["test", str(wrong), "--max-examples", "10", "--backend", "torch"]) == 1
     assert "FAIL" in capsys.readouterr().out
     assert cli_main(["test", str(tmp_path / "missing.psm")]) == 2
