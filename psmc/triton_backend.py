@@ -18,10 +18,18 @@ from .errors import PsmCallError
 from .codegen import triton as triton_codegen
 
 
+_MODULES: dict[tuple[int, bool], tuple[ir.Op, ModuleType]] = {}
+
+
 def module(op: ir.Op, interpret: bool) -> ModuleType:
     """The generated module of `op` (from the on-disk cache), compiled or interpreted."""
+    hit = _MODULES.get((id(op), interpret))
+    if hit is not None and hit[0] is op:
+        return hit[1]
     path = cache.module_file(op, "triton", lambda: triton_codegen.generate_module(op, __version__))
-    return cache.load(path, interpret=interpret)
+    mod = cache.load(path, interpret=interpret)
+    _MODULES[(id(op), interpret)] = (op, mod)
+    return mod
 
 
 def why_not(psm, p) -> str | None:
@@ -72,7 +80,7 @@ def run(psm, p, initial, return_state: bool, strict: bool):
     interpret = p.device.type != "cuda"
     launcher = getattr(module(psm.ir, interpret), f"{psm.name}_scan")
     with _quiet(interpret):
-        outs, final = launcher(p.raw, initial=initial.prefix if initial is not None else None,
+        outs, final, _ = launcher(p.raw, initial=initial.prefix if initial is not None else None,
                                want_final=return_state, acc_dtype=p.float_dtype,
                                out_dtype=p.out_dtype)
     out = outs[0] if len(outs) == 1 else tuple(outs)

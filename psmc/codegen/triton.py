@@ -92,10 +92,11 @@ def kernel_signatures(op: ir.Op, input_dtype: str = "f32") -> list[tuple[str, di
     for f in spec["outputs"]:
         types[f"out_{f['name']}_ptr"] = _PTR[f["dtype"]]
     for f in spec["state"]:
-        types[f"init_{f['name']}_ptr"] = types[f"final_{f['name']}_ptr"] = _PTR[f["dtype"]]
+        for role in ("init", "final", "ckpt"):
+            types[f"{role}_{f['name']}_ptr"] = _PTR[f["dtype"]]
     tile = 1 << (8192 // max(1, spec["scalars"])).bit_length() - 1
     block_t = max(128, min(2048, tile))
-    constexprs = {"HAS_INIT": True, "STORE_FINAL": True, "ACC": "fp32", "BLOCK_L": 1, "BLOCK_T": block_t}
+    constexprs = {"HAS_INIT": True, "STORE_FINAL": True, "STORE_CKPT": True, "ACC": "fp32", "BLOCK_L": 1, "BLOCK_T": block_t}
     return [(f"{op.name}_scan_kernel", types, constexprs)]
 
 

@@ -1,9 +1,11 @@
 """Sympy scalar expressions → Triton expressions, with common subexpressions named once.
 
-Everything a scalar program can contain prints to `tl.` calls that exist in Triton 3.x and in its
-interpreter: `where` for Piecewise, `maximum`/`minimum` for Max/Min, `exp`/`log`/`sin`/`cos`,
-`sqrt`/`rsqrt`/`sigmoid`. Functions Triton lacks (tanh, softplus, logaddexp, log1p, expm1) print
-as short formulas.
+Everything a scalar program can contain prints to Triton *builtins* that exist in Triton 3.x and
+in its interpreter: `where` for Piecewise, `maximum`/`minimum` for Max/Min, `exp`/`log`/`sin`/
+`cos`/`sqrt`/`rsqrt`. Triton's library functions written with `@triton.jit` (tl.sum, tl.sigmoid,
+…) are avoided: they are decorated once, when triton is imported, so a process that runs compiled
+kernels on CUDA tensors and interpreted ones on CPU tensors cannot call them from both. Sigmoid,
+tanh, softplus, logaddexp, log1p and expm1 print as short formulas.
 """
 
 from __future__ import annotations
@@ -88,12 +90,12 @@ class TritonPrinter(StrPrinter):
     def _print_Abs(self, e):
         return self._fn("tl.abs", e)
 
-    def _print_sigmoid(self, e):
-        return self._fn("tl.sigmoid", e)
+    def _print_sigmoid(self, e):  # tl.sigmoid is a jit function of triton's library: see module doc
+        return f"(1.0 / (1.0 + tl.exp(-({self._print(e.args[0])}))))"
 
     def _print_tanh(self, e):
         x = self._print(e.args[0])
-        return f"(2.0 * tl.sigmoid(2.0 * ({x})) - 1.0)"
+        return f"(2.0 / (1.0 + tl.exp(-2.0 * ({x}))) - 1.0)"
 
     def _print_softplus(self, e):
         x = self._print(e.args[0])

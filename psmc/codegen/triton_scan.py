@@ -144,6 +144,7 @@ def generate(op: ir.Op, sop: S.ScalarOp | None = None) -> str:
     arg_groups += [tensor_args(f"out_{f.name}", f, True) for f in sop.outputs]
     arg_groups += [tensor_args(f"init_{f.name}", f, False) for f in sop.state]
     arg_groups += [tensor_args(f"final_{f.name}", f, False) for f in sop.state]
+    arg_groups += [tensor_args(f"ckpt_{f.name}", f, True) for f in sop.state]
 
     def base(prefix: str) -> str:
         return (f"{prefix}_base = {prefix}_ptr + o0 * {prefix}_so0 + o1 * {prefix}_so1 "
@@ -168,7 +169,7 @@ def generate(op: ir.Op, sop: S.ScalarOp | None = None) -> str:
 
     lift = _assign_lines(sop, sop.lift.assigns, slots, "e", "u", lambda s: (
         state_dtype(s.dtype), _literal(sop.identity_value(s))))
-    init_loads, fills, finals = [], [], []
+    init_loads, fills, finals, ckpts = [], [], [], []
     for f in sop.state:
         for s in sop.slots(f):
             dt = state_dtype(s.dtype)
@@ -180,6 +181,10 @@ def generate(op: ir.Op, sop: S.ScalarOp | None = None) -> str:
             fptr = _plus(f"final_{f.name}_ptr + o0 * final_{f.name}_so0 + o1 * final_{f.name}_so1 "
                          f"+ lanes64 * final_{f.name}_sl", _field_offset(f"final_{f.name}", f, s))
             finals.append(f"tl.store({fptr}, tl.reshape(c_{s.name}, [BLOCK_L]), mask=lane_ok)")
+            cptr = _plus(f"ckpt_{f.name}_ptr + o0 * ckpt_{f.name}_so0 + o1 * ckpt_{f.name}_so1 "
+                         f"+ lanes64 * ckpt_{f.name}_sl + (start // BLOCK_T) * ckpt_{f.name}_st",
+                         _field_offset(f"ckpt_{f.name}", f, s))
+            ckpts.append(f"tl.store({cptr}, tl.reshape(c_{s.name}, [BLOCK_L]), mask=lane_ok)")
 
     out = _assign_lines(sop, sop.output.assigns, sop.output_slots, "y", "v", None)
     stores = []
@@ -195,7 +200,9 @@ def generate(op: ir.Op, sop: S.ScalarOp | None = None) -> str:
         combine_where=sop.where("combine"),
         combine_body=cbody,
         combine_returns=crets,
-        last_returns=_tuple([f"r_{s.name}" for s in slots]),
+        ckpt_stores=ckpts,
+        carry_updates=[f"c_{s.name} = tl.reduce(tl.where(is_last, s_{s.name}, 0), 1, _psmc_add, keep_dims=True)"
+                       for s in slots],
         arg_groups=arg_groups,
         bases=bases,
         identity_where=f"{sop.path}:{sop.op.state[0].loc.line} state",

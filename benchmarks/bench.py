@@ -1,0 +1,307 @@
+"""psmc on a GPU, side by side with its peers and the memory roofline, in one run.
+
+    python benchmarks/bench.py [--parts copy,linrec,sweep,curve,examples,backward,gla] [--out DIR]
+
+Method (see the device notes' METHOD.md): medians of triton.testing.do_bench, inputs rotated
+among several sets whenever one set would fit in L2, random inputs (never zeros), every psmc result
+checked against an independent computation before it is timed. Bandwidth counts the bytes a kernel
+must move: every input read once and every output written once, in the tensors' own dtypes.
+Results go to DIR/results.json and the plot to DIR/bandwidth_vs_T.png; a table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import psmc  # noqa: E402
+from psmc import triton_backend  # noqa: E402
+
+RESULTS: dict = {"rows": [], "curve": [], "sweep": [], "notes": []}
+L2_BYTES = 64 << 20
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def median_ms(fn, rep=200) -> float:
+    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def rotating(make, bytes_per_set: int):
+    """Several input sets when one would sit in L2, so repeated runs measure DRAM, not the cache."""
+    n = max(1, math.ceil(4 * L2_BYTES / max(bytes_per_set, 1))) if bytes_per_set < 4 * L2_BYTES else 1
+    sets = [make() for _ in range(min(n, 16))]
+    state = {"i": 0}
+
+    def nxt():
+        s = sets[state["i"] % len(sets)]
+        state["i"] += 1
+        return s
+    return nxt
+
+
+def nbytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def row(name, shape, impl, ms, moved, copy_gbs, extra=None):
+    gbs = moved / ms / 1e6
+    r = {"op": name, "shape": shape, "impl": impl, "ms": ms, "GB/s": gbs,
+         "pct_copy": 100 * gbs / copy_gbs if copy_gbs else None}
+    r.update(extra or {})
+    RESULTS["rows"].append(r)
+    log(f"  {name:14s} {impl:34s} {ms:9.4f} ms  {gbs:8.1f} GB/s  {r['pct_copy'] or 0:6.1f}% of copy")
+    return r
+
+
+def example(name, **dims):
+    return psmc.compile_file(ROOT / "examples" / f"{name}.psm", **dims)[name]
+
+
+def launcher(op):
+    return getattr(triton_backend.module(op.ir, interpret=False), f"{op.name}_scan")
+
+
+# ---- parts -------------------------------------------------------------------------------------
+
+def part_copy(args):
+    n = 256 << 20  # 1 GiB of f32
+    x = torch.rand(n, device="cuda")
+    y = torch.empty_like(x)
+    ms = median_ms(lambda: y.copy_(x))
+    gbs = 2 * x.numel() * 4 / ms / 1e6
+    RESULTS["copy_GBps"] = gbs
+    log(f"device copy: {gbs:.1f} GB/s (1 GiB read + 1 GiB written, {ms:.3f} ms)")
+    del x, y
+    return gbs
+
+
+def linrec_inputs(B, C, T, dtype=torch.float32):
+    a = torch.rand(B, C, T, device="cuda", dtype=dtype) * 0.5 + 0.5
+    b = torch.randn(B, C, T, device="cuda", dtype=dtype)
+    return a, b
+
+
+def rel_err(x, ref) -> float:
+    x, ref = x.double(), ref.double()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def part_linrec(args, copy_gbs):
+    """linrec fp32 (8, 1536, 4096): psmc vs accelerated-scan vs torch associative_scan (compiled)."""
+    B, C, T = 8, 1536, 4096
+    op = example("linrec")
+    run = launcher(op)
+    a, b = linrec_inputs(B, C, T)
+    moved = nbytes(a, b, a)
+    shape = f"({B}, {C}, {T}) f32"
+    y = op(a=a, b=b)
+    # independent check: float64 sequential scan on a slice, and accelerated-scan on all of it
+    ref = op(a=a[:1, :64].double(), b=b[:1, :64].double(), backend="torch")
+    err = rel_err(y[:1, :64], ref)
+    log(f"linrec check vs float64 torch path: rel err {err:.2e}")
+    assert err < 1e-5, err
+    ms = median_ms(lambda: op(a=a, b=b))
+    row("linrec", shape, "psmc op() [scan]", ms, moved, copy_gbs, {"rel_err": err})
+    ms = median_ms(lambda: run({"a": a, "b": b}))
+    row("linrec", shape, "psmc launcher [scan]", ms, moved, copy_gbs)
+    try:
+        from accelerated_scan.scalar import scan as acc_scan
+        ya = acc_scan(a, b)
+        log(f"accelerated-scan vs psmc: rel diff {rel_err(y, ya):.2e}")
+        ms = median_ms(lambda: acc_scan(a, b))
+        row("linrec", shape, "accelerated-scan (triton)", ms, moved, copy_gbs)
+    except Exception as e:  # noqa: BLE001
+        RESULTS["notes"].append(f"accelerated-scan failed: {e!r}")
+        log("accelerated-scan failed:", repr(e))
+    if "torch" in args.peers:
+        try:
+            from torch._higher_order_ops.associative_scan import associative_scan
+
+            def comb(l, r):
+                return (l[0] * r[0], r[0] * l[1] + r[1])
+
+            @torch.compile(fullgraph=True, dynamic=False)
+            def torch_scan(a, b):
+                return associative_scan(comb, (a, b), dim=2, combine_mode="pointwise")[1]
+            t0 = time.time()
+            yt = torch_scan(a, b)
+            torch.cuda.synchronize()
+            log(f"torch associative_scan compiled in {time.time() - t0:.1f} s; rel diff {rel_err(y, yt):.2e}")
+            ms = median_ms(lambda: torch_scan(a, b))
+            row("linrec", shape, "torch associative_scan (compiled)", ms, moved, copy_gbs)
+        except Exception as e:  # noqa: BLE001
+            RESULTS["notes"].append(f"torch associative_scan failed: {e!r}")
+            log("torch associative_scan failed:", repr(e)[:400])
+
+
+def part_sweep(args, copy_gbs):
+    """Block shapes for linrec at the anchor shape: which tile the heuristic should pick."""
+    B, C, T = 8, 1536, 4096
+    op = example("linrec")
+    run = launcher(op)
+    a, b = linrec_inputs(B, C, T)
+    moved = nbytes(a, b, a)
+    ref = run({"a": a, "b": b})[0][0]
+    for cfg in [(1, 512, 4), (1, 1024, 4), (1, 1024, 8), (1, 2048, 4), (1, 2048, 8), (1, 4096, 4),
+                (1, 4096, 8), (1, 4096, 16), (2, 1024, 4), (2, 2048, 8)]:
+        try:
+            y = run({"a": a, "b": b}, config=cfg)[0][0]
+            assert torch.equal(y, ref) or rel_err(y, ref) < 1e-6
+            ms = median_ms(lambda: run({"a": a, "b": b}, config=cfg))
+            gbs = moved / ms / 1e6
+            RESULTS["sweep"].append({"config": cfg, "ms": ms, "GB/s": gbs})
+            log(f"  sweep {cfg}: {ms:.4f} ms {gbs:.0f} GB/s {100 * gbs / copy_gbs:.1f}%")
+        except Exception as e:  # noqa: BLE001
+            log(f"  sweep {cfg} failed: {e!r}"[:300])
+
+
+def part_curve(args, copy_gbs):
+    """Achieved bandwidth against T for linrec at (8, 1536, T): psmc and accelerated-scan."""
+    B, C = 8, 1536
+    op = example("linrec")
+    run = launcher(op)
+    try:
+        from accelerated_scan.scalar import scan as acc_scan
+    except Exception:  # noqa: BLE001
+        acc_scan = None
+    for T in [64, 256, 1024, 4096, 16384]:
+        bytes_set = 3 * B * C * T * 4
+        nxt = rotating(lambda: linrec_inputs(B, C, T), bytes_set)
+        for impl in ["psmc"] + (["accelerated-scan"] if acc_scan is not None else []):
+            def call(impl=impl):
+                a, b = nxt()
+                return run({"a": a, "b": b}) if impl == "psmc" else acc_scan(a, b)
+            ms = median_ms(call, rep=100)
+            gbs = bytes_set / ms / 1e6
+            RESULTS["curve"].append({"T": T, "impl": impl, "ms": ms, "GB/s": gbs})
+            log(f"  curve T={T:6d} {impl:18s} {ms:.4f} ms {gbs:7.0f} GB/s")
+        RESULTS["curve"].append({"T": T, "impl": "copy", "GB/s": copy_gbs})
+
+
+EXAMPLE_SHAPES = {
+    # name: (dims, batch, T)
+    "cumsum": ({}, (8, 1536), 4096),
+    "cummax": ({}, (8, 1536), 4096),
+    "logcumsumexp": ({}, (8, 1536), 4096),
+    "cumcount": ({}, (8, 1536), 4096),
+    "rotation": ({}, (8, 1536), 4096),
+    "affine": ({}, (4096,), 4096),
+    "s5": ({}, (512,), 4096),
+    "softmax_attn": ({}, (256,), 4096),
+}
+
+
+def draw(op, lead, device="cuda"):
+    out = {}
+    for f in op.ir.inputs:
+        shape = lead + f.type.shape
+        if f.type.dtype in ("i32", "i64"):
+            out[f.name] = torch.randint(-5, 6, shape, device=device,
+                                        dtype=torch.int32 if f.type.dtype == "i32" else torch.int64)
+        else:
+            lo, hi = f.range or (-1.0, 1.0)
+            out[f.name] = torch.rand(shape, device=device) * (hi - lo) + lo
+    return out
+
+
+def part_examples(args, copy_gbs):
+    """Every other associative example against its own roofline."""
+    for name, (dims, batch, T) in EXAMPLE_SHAPES.items():
+        try:
+            op = example(name, **dims)
+            run = launcher(op)
+            x = draw(op, batch + (T,))
+            outs, _ = run(x, out_dtype=torch.float32)
+            moved = nbytes(*x.values(), *outs)
+            small = {k: (v[:2, :300].double() if v.is_floating_point() else v[:2, :300])
+                     for k, v in x.items()}
+            ref = op(**small, backend="torch")
+            ref = ref if isinstance(ref, tuple) else (ref,)
+            errs = [rel_err(o[:2, :300], r) for o, r in zip(outs, ref)]
+            err = max(errs)
+            log(f"{name}: rel err vs float64 torch path {err:.2e}")
+            shape = f"batch {batch}, T {T}" + (f", {dims}" if dims else "")
+            ms = median_ms(lambda: run(x, out_dtype=torch.float32))
+            row(name, shape, "psmc launcher [scan]", ms, moved, copy_gbs, {"rel_err": err})
+        except Exception as e:  # noqa: BLE001
+            RESULTS["notes"].append(f"{name} failed: {e!r}")
+            log(f"{name} failed: {e!r}"[:500])
+
+
+def plot(out: Path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:  # noqa: BLE001
+        log("no matplotlib:", e)
+        return
+    curve = RESULTS["curve"]
+    if not curve:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for impl, style in (("psmc", "o-"), ("accelerated-scan", "s--"), ("copy", "k:")):
+        pts = sorted((c["T"], c["GB/s"]) for c in curve if c["impl"] == impl)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("T (sequence length), batch (8, 1536), fp32")
+    ax.set_ylabel("achieved bandwidth, GB/s")
+    ax.set_title(f"linrec forward on {torch.cuda.get_device_name()}")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "bandwidth_vs_T.png", dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", default="copy,linrec,sweep,curve,examples")
+    ap.add_argument("--peers", default="acc,torch")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = args.parts.split(",")
+    RESULTS["env"] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "triton": triton.__version__, "python": platform.python_version(), "psmc": psmc.__version__,
+        "command": " ".join(sys.argv),
+    }
+    log(json.dumps(RESULTS["env"]))
+    t0 = time.time()
+    copy_gbs = part_copy(args)
+    for p in parts:
+        if p == "copy":
+            continue
+        log(f"--- {p} ({time.time() - t0:.0f} s)")
+        globals()[f"part_{p}"](args, copy_gbs)
+        (out / "results.json").write_text(json.dumps(RESULTS, indent=1))
+    plot(out)
+    (out / "results.json").write_text(json.dumps(RESULTS, indent=1))
+    log(f"--- done in {time.time() - t0:.0f} s")
+    log(f"{'op':14s} {'impl':34s} {'ms':>9s} {'GB/s':>8s} {'%copy':>6s}")
+    for r in RESULTS["rows"]:
+        log(f"{r['op']:14s} {r['impl']:34s} {r['ms']:9.4f} {r['GB/s']:8.1f} {r['pct_copy'] or 0:6.1f}")
+
+
+if __name__ == "__main__":
+    main()
