@@ -43,6 +43,7 @@ from .templates import render
 from .triton_expr import TritonPrinter
 
 DEFAULT_BLOCK = 256
+KINDS = ("up_x", "up_s", "down_x", "down_s", "bwd_up_x", "bwd_up_s", "bwd_down_x", "bwd_down_s")
 
 
 class Unsupported(Exception):
@@ -74,7 +75,7 @@ class TreeKernels:
 
     @property
     def kinds(self) -> tuple[str, ...]:
-        return ("up_x", "up_s", "down_x", "down_s", "bwd_up_x", "bwd_up_s", "bwd_down_x", "bwd_down_s")
+        return KINDS
 
     def signature(self, kind: str, ptr: str = "*fp32") -> dict[str, str]:
         """Argument types for ahead-of-time compilation (triton.compile with an ASTSource)."""
