@@ -18,6 +18,10 @@ from .errors import PsmCallError
 from .codegen import triton as triton_codegen
 
 
+# (BLOCK_L, BLOCK_T, num_warps) for every scan launch instead of the launcher's heuristic; tests
+# set it to make blocks short, benchmarks to sweep tiles.
+FORCE_CONFIG: tuple[int, int, int] | None = None
+
 _MODULES: dict[tuple[int, bool], tuple[ir.Op, ModuleType]] = {}
 
 
@@ -47,9 +51,13 @@ def why_not(psm, p) -> str | None:
     return None
 
 
-def _needs_grad(p) -> bool:
-    return torch.is_grad_enabled() and any(
-        t.requires_grad for t in p.raw.values() if t.is_floating_point())
+def _needs_grad(p, initial) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    tensors = [t for t in p.raw.values() if t.is_floating_point()]
+    if initial is not None:
+        tensors += [t for t in initial.prefix.values() if t.is_floating_point()]
+    return any(t.requires_grad for t in tensors)
 
 
 @contextlib.contextmanager
@@ -65,26 +73,119 @@ def _quiet(interpret: bool):
         yield
 
 
+class _Call:
+    """What one forward call needs to know, handed to the autograd function."""
+
+    def __init__(self, psm, p, mod, interpret: bool, want_final: bool, has_init: bool):
+        self.name = psm.name
+        self.spec = getattr(mod, f"{psm.name.upper()}_SPEC")
+        self.mod = mod
+        self.interpret = interpret
+        self.names = [f["name"] for f in self.spec["inputs"]]
+        self.state = [f["name"] for f in self.spec["state"]]
+        self.outputs = self.spec["outputs"]
+        self.want_final = want_final
+        self.has_init = has_init
+        self.acc = p.float_dtype
+        self.out_dtype = p.out_dtype
+
+    def forward(self, inputs, initial, want_ckpt):
+        with _quiet(self.interpret):
+            return getattr(self.mod, f"{self.name}_scan")(
+                inputs, initial=initial, want_final=self.want_final, acc_dtype=self.acc,
+                out_dtype=self.out_dtype, config=FORCE_CONFIG, want_ckpt=want_ckpt)
+
+
+class _ScanFunction(torch.autograd.Function):
+    """Forward: the scan kernel (saving per-block checkpoints). Backward: the derived kernel."""
+
+    @staticmethod
+    def forward(ctx, call: _Call, *tensors):
+        n = len(call.names)
+        inputs = dict(zip(call.names, tensors[:n]))
+        initial = dict(zip(call.state, tensors[n:])) if call.has_init else None
+        outs, final, saved = call.forward(inputs, initial, want_ckpt=True)
+        ckpt, config = saved if saved is not None else ({}, None)
+        ctx.call, ctx.config = call, config
+        ctx.ckpt_names = list(ckpt)
+        ctx.save_for_backward(*tensors[:n], *ckpt.values())
+        finals = tuple(final[k] for k in call.state) if call.want_final else ()
+        nondiff = [o for o, f in zip(outs, call.outputs) if f["dtype"] not in ("f16", "bf16", "f32", "f64")]
+        if call.want_final:
+            fields = call.spec["state"]
+            final_ok = bool((call.spec["backward"] or {}).get("final"))  # else the final state is a constant
+            nondiff += [t for t, f in zip(finals, fields)
+                        if f["dtype"] not in ("f16", "bf16", "f32", "f64") or not final_ok]
+        if nondiff:
+            ctx.mark_non_differentiable(*nondiff)
+        return (*outs, *finals)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        call = ctx.call
+        n = len(call.names)
+        saved = ctx.saved_tensors
+        raw = dict(zip(call.names, saved[:n]))
+        ckpt = dict(zip(ctx.ckpt_names, saved[n:]))
+        n_out = len(call.outputs)
+        gy = {f["name"]: g for f, g in zip(call.outputs, grads[:n_out])}
+        gfinal = None
+        if call.want_final and any(g is not None for g in grads[n_out:]):
+            gfinal = dict(zip(call.state, grads[n_out:]))
+        with _quiet(call.interpret):
+            gx = getattr(call.mod, f"{call.name}_backward")(raw, gy, (ckpt, ctx.config), gfinal,
+                                                             acc_dtype=call.acc)
+        out = []
+        for name, t in raw.items():
+            g = gx.get(name)
+            if g is None or not t.is_floating_point():
+                out.append(None)
+                continue
+            if g.shape != t.shape:  # the input was broadcast over batch axes: sum them back
+                g = g.sum_to_size(t.shape)
+            out.append(g.to(t.dtype))
+        return (None, *out, *([None] * (len(call.state) if call.has_init else 0)))
+
+
 def run(psm, p, initial, return_state: bool, strict: bool):
     from .runtime import StreamState
 
     why = why_not(psm, p)
-    if why is None and _needs_grad(p):
-        why = "gradients are needed and the derived backward is not generated for this op yet"
+    grad = why is None and _needs_grad(p, initial)
+    if grad:
+        why = backward_why_not(psm, initial)
     if why is not None:
         if strict:
-            raise PsmCallError(f"{psm.name}: backend='triton' cannot run this op: {why}")
+            raise PsmCallError(f"{psm.name}: backend='triton' cannot run this call: {why}")
         return None
     if initial is not None and (initial.prefix is None or initial.pending):
         raise PsmCallError(f"{psm.name}: initial_state does not belong to an associative op")
     interpret = p.device.type != "cuda"
-    launcher = getattr(module(psm.ir, interpret), f"{psm.name}_scan")
-    with _quiet(interpret):
-        outs, final, _ = launcher(p.raw, initial=initial.prefix if initial is not None else None,
-                               want_final=return_state, acc_dtype=p.float_dtype,
-                               out_dtype=p.out_dtype)
+    mod = module(psm.ir, interpret)
+    call = _Call(psm, p, mod, interpret, return_state, initial is not None)
+    init = dict(initial.prefix) if initial is not None else None
+    if grad:
+        tensors = [p.raw[k] for k in call.names] + ([init[k] for k in call.state] if init else [])
+        res = _ScanFunction.apply(call, *tensors)
+        outs, finals = res[:len(call.outputs)], res[len(call.outputs):]
+        final = dict(zip(call.state, finals)) if return_state else None
+    else:
+        outs, final, _ = call.forward(p.raw, init, want_ckpt=False)
     out = outs[0] if len(outs) == 1 else tuple(outs)
     if not return_state:
         return out
     tokens = (initial.tokens if initial is not None else 0) + p.T
     return out, StreamState(p.batch_shape, tokens=tokens, prefix=final)
+
+
+def backward_why_not(psm, initial) -> str | None:
+    """Why gradients cannot come from the derived backward kernels, or None."""
+    from .codegen import scalarize
+
+    sop = scalarize.scalarize(psm.ir)
+    _, _, why = triton_codegen.backward_plan(sop)
+    if why is not None:
+        return f"gradients are needed and the derived backward does not cover this op: {why}"
+    if initial is not None and any(t.requires_grad for t in initial.prefix.values()):
+        return "gradients with respect to the initial state are not generated"
+    return None

@@ -11,7 +11,7 @@ import math
 
 from .. import ir
 from . import scalarize as S
-from . import triton_scan
+from . import adjoint, triton_adjoint, triton_scan
 from .templates import render
 
 
@@ -52,18 +52,51 @@ def unsupported(op: ir.Op) -> str | None:
     return None
 
 
+def backward_plan(sop: S.ScalarOp) -> tuple[adjoint.Adjoint | None, adjoint.Adjoint | None, str | None]:
+    """(adjoint, adjoint with final-state gradients, why not) for strategy scan."""
+    if not any(ir.is_float(f.dtype) for f in sop.inputs):
+        return None, None, "it has no float inputs"
+    adj = adjoint.derive(sop)
+    why = triton_adjoint.supported(adj)
+    if why:
+        return None, None, why
+    adjf = adjoint.derive(sop, final_grads=True)
+    if triton_adjoint.supported(adjf):
+        adjf = None
+    return adj, adjf, None
+
+
 def generate_module_section(op: ir.Op) -> str:
     """Kernels and launchers for one op, as Python source text."""
     sop = S.scalarize(op)
     parts = [render("triton_prelude.j2")]
     if strategy(op, sop) == "scan":
+        spec = triton_scan.spec(sop)
         parts.append(triton_scan.generate(op, sop))
+        adj, adjf, why = backward_plan(sop)
+        if adj is not None:
+            spec["backward"] = dict(triton_adjoint.spec(sop), final=adjf is not None)
+            parts.append(triton_adjoint.generate(op, sop, adj))
+            same = adjf is not None and adjf.live == adj.live and adjf.pattern == adj.pattern
+            if adjf is not None and not same:
+                parts.append(triton_adjoint.generate(op, sop, adjf, "_final"))
+        else:
+            spec["backward"] = None
+        spec_name = f"{op.name.upper()}_SPEC"
         parts.append(render("triton_launch_scan.j2", name=op.name, path=sop.path,
-                            spec_name=f"{op.name.upper()}_SPEC",
-                            spec=literal(triton_scan.spec(sop))))
+                            spec_name=spec_name, spec=literal(spec)))
+        if adj is not None:
+            summary = (f"a reverse scan over {len(adj.live)} live adjoint(s) "
+                       f"({', '.join(s.name for s in adj.live)}), "
+                       + ("diagonal" if adj.diagonal else f"{len(adj.pattern)} coefficients") + ".")
+            kernel = f"{op.name}_backward_kernel"
+            final = None if adjf is None else (kernel if same else f"{op.name}_backward_final_kernel")
+            parts.append(render("triton_launch_backward.j2", name=op.name, path=sop.path,
+                                spec_name=spec_name, summary=summary, kernel=kernel,
+                                final_kernel=final))
     else:
         raise NotImplementedError(f"{op.name}: strategy recurrent is not generated yet")
-    return "\n\n".join(p.strip("\n") for p in parts) + "\n"
+    return "\n\n\n".join(p.strip("\n") for p in parts) + "\n"
 
 
 def generate_module(op: ir.Op, version: str) -> str:
