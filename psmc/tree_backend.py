@@ -62,7 +62,7 @@ def kernels(op_ir, block: int, interpret: bool) -> tuple[tree_codegen.TreeKernel
     import triton.language as tl
 
     tk = tree_codegen.generate(op_ir, block)
-    ns = {"triton": triton, "tl": tl}
+    ns = {"triton": triton, "tl": tl, "__name__": f"psmc_tree_{op_ir.name}"}
     old = triton.knobs.runtime.interpret
     triton.knobs.runtime.interpret = interpret  # read when @triton.jit runs
     # Triton reads a kernel's source through inspect, so the text goes into linecache first.
