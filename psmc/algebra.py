@@ -234,7 +234,8 @@ def check_op(op, *, max_examples: int = DEFAULT_MAX_EXAMPLES, seed: int = 0,
     proof_op, proof_dims, dims_note = (None, None, None) if has_externs else _proof_op(o)
     if dims_note:
         notes.append(dims_note)
-    to_prove = tuple(law for law in LAWS if law not in found) if proof_op is not None else ()
+    order = ("left_identity", "right_identity", "associative", "commutative")  # information last
+    to_prove = tuple(law for law in order if law not in found) if proof_op is not None else ()
     t_proof = time.perf_counter()
     job = ProofJob(proof_op, to_prove, time_budget) if to_prove else None
     if to_prove:

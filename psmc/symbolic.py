@@ -21,7 +21,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from itertools import product
-from typing import Callable, Iterable
+from typing import Callable
 
 import sympy as sp
 
@@ -373,52 +373,87 @@ class LawProof:
     failed_component: str | None = None
 
 
-def prove_law(op: ir.Op, law: str, allow_simplify: bool = True) -> LawProof:
+@dataclass
+class _Pending:
+    """A law after the cheap steps: the components they could not reduce."""
+
+    law: str
+    t0: float
+    steps: set
+    left: list  # (field, index, difference)
+
+
+def _cheap_stage(op: ir.Op, law: str) -> LawProof | _Pending:
+    """Translate and try the cheap steps on every component: a proof, or what is left."""
     t0 = time.perf_counter()
     try:
         lhs, rhs = law_sides(op, law)
     except Unsupported as e:
         return LawProof(law, "unsupported", note=str(e), seconds=time.perf_counter() - t0)
-    steps = set()
-    # Cheap steps on every component first, so a hopeless law fails fast before `simplify`.
-    pending = []
+    steps, left = set(), []
     for f in op.state:
         for ix, (x, y) in zip(product(*(range(n) for n in f.type.shape)),
                               zip(lhs[f.name].items, rhs[f.name].items)):
             s = reduce_to_zero(x - y, allow_simplify=False)
             if s is None:
-                pending.append((f.name, ix, x - y))
+                left.append((f.name, ix, x - y))
             else:
                 steps.add(s)
-    for name, ix, d in pending:
-        s = reduce_to_zero(d, allow_simplify=allow_simplify) if allow_simplify else None
+    if not left:
+        return LawProof(law, "proved", step=", ".join(sorted(steps)), seconds=time.perf_counter() - t0)
+    return _Pending(law, t0, steps, left)
+
+
+def _simplify_stage(p: _Pending, allow_simplify: bool = True) -> LawProof:
+    for name, ix, d in p.left:
+        s = reduce_to_zero(d, allow_simplify=True) if allow_simplify else None
         if s is None:
             where = name + (str(list(ix)) if ix else "")
-            return LawProof(law, "not-proved", seconds=time.perf_counter() - t0,
+            return LawProof(p.law, "not-proved", seconds=time.perf_counter() - p.t0,
                             failed_component=where,
                             note=f"{where}: the difference does not reduce to 0")
-        steps.add(s)
-    return LawProof(law, "proved", step=", ".join(sorted(steps)), seconds=time.perf_counter() - t0)
+        p.steps.add(s)
+    return LawProof(p.law, "proved", step=", ".join(sorted(p.steps)),
+                    seconds=time.perf_counter() - p.t0)
+
+
+def prove_law(op: ir.Op, law: str, allow_simplify: bool = True) -> LawProof:
+    """Prove one law: cheap steps on every component, then `simplify` (unbounded in time)."""
+    r = _cheap_stage(op, law)
+    return r if isinstance(r, LawProof) else _simplify_stage(r, allow_simplify)
 
 
 # ---- running proofs under a wall-clock budget ---------------------------------------------------
 
-def _child(op: ir.Op, law: str, conn) -> None:
-    try:
-        res = prove_law(op, law)
-    except Exception as e:  # a sympy failure is "no proof", never a crash of the checker
-        res = LawProof(law, "not-proved", note=f"sympy failed: {type(e).__name__}: {e}")
-    conn.send(res)
+def _child(op: ir.Op, laws: tuple[str, ...], conn) -> None:
+    """Cheap steps for every law first (each result sent at once), then `simplify` law by law,
+    so one hard law cannot starve the easy ones of the budget."""
+    pending = []
+    for law in laws:
+        try:
+            r = _cheap_stage(op, law)
+        except Exception as e:  # a sympy failure is "no proof", never a crash of the checker
+            r = LawProof(law, "not-proved", note=f"sympy failed: {type(e).__name__}: {e}")
+        if isinstance(r, LawProof):
+            conn.send(r)
+        else:
+            pending.append(r)
+    for p in pending:
+        try:
+            r = _simplify_stage(p)
+        except Exception as e:
+            r = LawProof(p.law, "not-proved", note=f"sympy failed: {type(e).__name__}: {e}")
+        conn.send(r)
     conn.close()
 
 
 @dataclass
 class ProofJob:
-    """Proofs of several laws, one forked process each, killed when the budget runs out.
+    """Proofs of several laws in one forked process, killed when the budget runs out.
 
     Python threads cannot be interrupted inside sympy, so a wall-clock limit needs a process;
-    `fork` shares the IR with the child for free. Where fork is unavailable the cheap steps run
-    in-process and `simplify` is skipped (said so in the note).
+    `fork` shares the IR with the child for free. Where no child can be started the cheap steps
+    run in-process and `simplify` is skipped (said so in the note).
     """
 
     op: ir.Op
@@ -426,67 +461,64 @@ class ProofJob:
     budget: float
     started: float = field(default_factory=time.monotonic)
     results: dict[str, LawProof] = field(default_factory=dict)
-    _procs: dict = field(default_factory=dict)
+    _proc: object = None
+    _recv: object = None
 
     def __post_init__(self):
         if not self.laws:
             return
-        if "fork" not in multiprocessing.get_all_start_methods():
-            for law in self.laws:
-                r = prove_law(self.op, law, allow_simplify=False)
-                if r.status == "not-proved":
-                    r.note = (r.note or "") + " (no fork(): simplify not tried)"
-                self.results[law] = r
-            return
-        ctx = multiprocessing.get_context("fork")
-        for law in self.laws:
+        why = None
+        if "fork" in multiprocessing.get_all_start_methods():
+            ctx = multiprocessing.get_context("fork")
             recv, send = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_child, args=(self.op, law, send), daemon=True)
+            p = ctx.Process(target=_child, args=(self.op, tuple(self.laws), send), daemon=True)
             try:
                 with warnings.catch_warnings():  # the child runs sympy only, never torch threads
                     warnings.simplefilter("ignore", DeprecationWarning)
                     p.start()
+                send.close()
+                self._proc, self._recv = p, recv
+                return
             except (AssertionError, OSError) as e:  # e.g. inside a daemonic worker: no children
                 send.close()
                 recv.close()
-                r = prove_law(self.op, law, allow_simplify=False)
-                if r.status == "not-proved":
-                    r.note = (r.note or "") + f" (no subprocess: {e}; simplify not tried)"
-                self.results[law] = r
-                continue
-            send.close()
-            self._procs[law] = (p, recv)
+                why = str(e)
+        else:
+            why = "no fork()"
+        for law in self.laws:
+            r = prove_law(self.op, law, allow_simplify=False)
+            if r.status == "not-proved":
+                r.note = (r.note or "") + f" (no subprocess: {why}; simplify not tried)"
+            self.results[law] = r
 
-    def wait(self, laws: Iterable[str] | None = None) -> dict[str, LawProof]:
-        """Collect results of `laws` (default: all) until the budget is spent; kill the rest."""
-        want = set(self.laws if laws is None else laws)
+    def wait(self) -> dict[str, LawProof]:
+        """Every law's result, waiting until the budget is spent; the unfinished time out."""
         deadline = self.started + self.budget
-        for law, (p, recv) in list(self._procs.items()):
-            if law not in want:
-                continue
-            left = deadline - time.monotonic()
-            if left > 0 and recv.poll(left):
+        if self._proc is not None:
+            while len(self.results) < len(self.laws):
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._recv.poll(left):
+                    break
                 try:
-                    self.results[law] = recv.recv()
+                    r = self._recv.recv()
                 except EOFError:
-                    self.results[law] = LawProof(law, "not-proved", note="prover process died")
-            else:
-                self.results[law] = LawProof(
-                    law, "timeout", seconds=self.budget,
-                    note=f"no proof within the {self.budget:g} s budget")
-            self._finish(law)
-        return {k: v for k, v in self.results.items() if k in want}
+                    break
+                self.results[r.law] = r
+            self.cancel()
+        for law in self.laws:
+            if law not in self.results:
+                self.results[law] = LawProof(law, "timeout", seconds=self.budget,
+                                             note=f"no proof within the {self.budget:g} s budget")
+        return dict(self.results)
 
     def cancel(self) -> None:
-        for law in list(self._procs):
-            self._finish(law)
-
-    def _finish(self, law: str) -> None:
-        p, recv = self._procs.pop(law)
+        p, self._proc = self._proc, None
+        if p is None:
+            return
         if p.is_alive():
             p.kill()
         p.join()
-        recv.close()
+        self._recv.close()
 
     def __del__(self):
         try:
