@@ -195,6 +195,67 @@ def part_curve(args, copy_gbs):
         RESULTS["curve"].append({"T": T, "impl": "copy", "GB/s": copy_gbs})
 
 
+def part_backward(args, copy_gbs):
+    """linrec forward + backward at (8, 1536, 4096) fp32, through autograd."""
+    B, C, T = 8, 1536, 4096
+    op = example("linrec")
+    a, b = linrec_inputs(B, C, T)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    g = torch.randn_like(a)
+    shape = f"({B}, {C}, {T}) f32"
+    moved = 8 * a.numel() * 4  # forward: a, b, y; backward: a, b, gy read, ga, gb written
+
+    def psmc_fb():
+        op(a=a, b=b).backward(g)
+    psmc_fb()
+    ga, gb = a.grad.clone(), b.grad.clone()
+    a.grad = b.grad = None
+    ms = do_bench(psmc_fb, warmup=25, rep=200, grad_to_none=[a, b], return_mode="median")
+    row("linrec fwd+bwd", shape, "psmc (derived backward)", ms, moved, copy_gbs)
+    try:
+        from accelerated_scan.scalar import scan as acc_scan
+
+        def acc_fb():
+            acc_scan(a, b).backward(g)
+        acc_fb()
+        log(f"grads vs accelerated-scan: a {rel_err(ga, a.grad):.2e}, b {rel_err(gb, b.grad):.2e}")
+        a.grad = b.grad = None
+        ms = do_bench(acc_fb, warmup=25, rep=200, grad_to_none=[a, b], return_mode="median")
+        row("linrec fwd+bwd", shape, "accelerated-scan (triton)", ms, moved, copy_gbs)
+    except Exception as e:  # noqa: BLE001
+        RESULTS["notes"].append(f"accelerated-scan backward failed: {e!r}")
+        log("accelerated-scan backward failed:", repr(e)[:300])
+    if "torch" in args.peers:
+        try:
+            from torch._higher_order_ops.associative_scan import associative_scan
+
+            def comb(l, r):
+                return (l[0] * r[0], r[0] * l[1] + r[1])
+
+            @torch.compile(fullgraph=True, dynamic=False)
+            def torch_scan(a, b):
+                return associative_scan(comb, (a, b), dim=2, combine_mode="pointwise")[1]
+            t0 = time.time()
+            torch_scan(a, b).backward(g)
+            torch.cuda.synchronize()
+            log(f"torch associative_scan fwd+bwd compiled and ran once in {time.time() - t0:.1f} s; "
+                f"grad rel diff a {rel_err(ga, a.grad):.2e}")
+            times = []
+            for _ in range(2):
+                a.grad = b.grad = None
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                torch_scan(a, b).backward(g)
+                torch.cuda.synchronize()
+                times.append((time.perf_counter() - t0) * 1e3)
+            row("linrec fwd+bwd", shape, "torch associative_scan (compiled)", min(times), moved, copy_gbs,
+                {"timing": "best of 2 wall-clock runs"})
+        except Exception as e:  # noqa: BLE001
+            RESULTS["notes"].append(f"torch associative_scan backward failed: {e!r}")
+            log("torch associative_scan backward failed:", repr(e)[:400])
+
+
 EXAMPLE_SHAPES = {
     # name: (dims, batch, T)
     "cumsum": ({}, (8, 1536), 4096),
@@ -245,6 +306,61 @@ def part_examples(args, copy_gbs):
             log(f"{name} failed: {e!r}"[:500])
 
 
+def part_gla(args, copy_gbs):
+    """GLA forward, B=4, T=4096, H=16, K=V=128, bf16: psmc recurrent vs flash-linear-attention."""
+    B, T, H, K, V = 4, 4096, 16, 128, 128
+    op = example("gla", K=K, V=V)
+    mod = triton_backend.module(op.ir, interpret=False)
+    run = getattr(mod, "gla_recurrent")
+    dt = torch.bfloat16
+    q = torch.randn(B, T, H, K, device="cuda", dtype=dt)
+    k = torch.randn(B, T, H, K, device="cuda", dtype=dt) * K ** -0.5
+    v = torch.randn(B, T, H, V, device="cuda", dtype=dt)
+    gk = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, device="cuda")).to(dt) / 16
+    moved = nbytes(q, k, v, gk, v)
+    shape = f"B={B} T={T} H={H} K=V={K} bf16"
+    # psmc takes (*batch, T, *field): the (B, H, T, K) views of the same memory, no copies
+    x = {"q": q.transpose(1, 2), "k": k.transpose(1, 2), "v": v.transpose(1, 2), "gk": gk.transpose(1, 2)}
+    ref = None
+    try:
+        from fla.ops.gla import chunk_gla, fused_recurrent_gla
+        ref, _ = fused_recurrent_gla(q, k, v, gk, scale=1.0)
+    except Exception as e:  # noqa: BLE001
+        RESULTS["notes"].append(f"fla import/run failed: {e!r}")
+        log("fla failed:", repr(e)[:400])
+        fused_recurrent_gla = chunk_gla = None
+    best = None
+    for cfg in [(16, 2, 2), (16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 4, 2), (64, 8, 2), (32, 4, 1),
+                (32, 4, 3), (16, 1, 2), (32, 2, 2), (64, 2, 2), (128, 4, 2), (128, 8, 2)]:
+        try:
+            (o,), _, _ = run(x, out_dtype=dt, config=cfg)
+            if ref is not None:
+                err = rel_err(o.transpose(1, 2), ref)
+                assert err < 2e-2, err
+            ms = median_ms(lambda: run(x, out_dtype=dt, config=cfg), rep=100)
+            log(f"  gla config {cfg}: {ms:.3f} ms" + (f" (rel err vs fla {err:.1e})" if ref is not None else ""))
+            RESULTS["sweep"].append({"op": "gla", "config": cfg, "ms": ms})
+            if best is None or ms < best[0]:
+                best = (ms, cfg)
+        except Exception as e:  # noqa: BLE001
+            log(f"  gla config {cfg} failed: {e!r}"[:300])
+    if best:
+        row("gla", shape, f"psmc recurrent {best[1]}", best[0], moved, copy_gbs)
+    (o,), _, _ = run(x, out_dtype=dt)
+    ms = median_ms(lambda: op(**x))
+    row("gla", shape, "psmc op() default config", ms, moved, copy_gbs)
+    if fused_recurrent_gla is not None:
+        ms = median_ms(lambda: fused_recurrent_gla(q, k, v, gk, scale=1.0), rep=100)
+        row("gla", shape, "fla fused_recurrent_gla", ms, moved, copy_gbs)
+        try:
+            oc, _ = chunk_gla(q, k, v, gk, scale=1.0)
+            log(f"chunk_gla vs fused_recurrent: rel diff {rel_err(oc, ref):.1e}")
+            ms = median_ms(lambda: chunk_gla(q, k, v, gk, scale=1.0), rep=100)
+            row("gla", shape, "fla chunk_gla", ms, moved, copy_gbs)
+        except Exception as e:  # noqa: BLE001
+            log("chunk_gla failed:", repr(e)[:300])
+
+
 def plot(out: Path):
     try:
         import matplotlib
@@ -273,7 +389,7 @@ def plot(out: Path):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--parts", default="copy,linrec,sweep,curve,examples")
+    ap.add_argument("--parts", default="copy,linrec,backward,sweep,curve,examples,gla")
     ap.add_argument("--peers", default="acc,torch")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args()

@@ -15,6 +15,7 @@ import torch
 
 from . import __version__, cache, ir
 from .errors import PsmCallError
+from .codegen import scalarize as S
 from .codegen import triton as triton_codegen
 
 
@@ -22,17 +23,23 @@ from .codegen import triton as triton_codegen
 # set it to make blocks short, benchmarks to sweep tiles.
 FORCE_CONFIG: tuple[int, int, int] | None = None
 
-_MODULES: dict[tuple[int, bool], tuple[ir.Op, ModuleType]] = {}
+# A strategy ("scan" or "recurrent") for every op instead of psmc's choice; tests set it to run
+# both strategies on small dims.
+FORCE_STRATEGY: str | None = None
+
+_MODULES: dict[tuple[int, bool, str | None], tuple[ir.Op, ModuleType]] = {}
 
 
 def module(op: ir.Op, interpret: bool) -> ModuleType:
     """The generated module of `op` (from the on-disk cache), compiled or interpreted."""
-    hit = _MODULES.get((id(op), interpret))
+    force = FORCE_STRATEGY
+    hit = _MODULES.get((id(op), interpret, force))
     if hit is not None and hit[0] is op:
         return hit[1]
-    path = cache.module_file(op, "triton", lambda: triton_codegen.generate_module(op, __version__))
+    kind = "triton" + (f"-{force}" if force else "")
+    path = cache.module_file(op, kind, lambda: triton_codegen.generate_module(op, __version__, force))
     mod = cache.load(path, interpret=interpret)
-    _MODULES[(id(op), interpret)] = (op, mod)
+    _MODULES[(id(op), interpret, force)] = (op, mod)
     return mod
 
 
@@ -46,8 +53,8 @@ def why_not(psm, p) -> str | None:
         return why
     if p.device.type not in ("cuda", "cpu"):
         return f"tensors on {p.device.type} (Triton runs CUDA tensors, or CPU ones interpreted)"
-    if triton_codegen.strategy(op) != "scan":
-        return "its state is too large for strategy scan and recurrent is not generated yet"
+    if triton_codegen.strategy(op, force=FORCE_STRATEGY) == "recurrent" and S.scalarize(op).lane is None:
+        return "its state is too large to scalarize and it has no lane dim to split it over"
     return None
 
 
@@ -91,7 +98,7 @@ class _Call:
 
     def forward(self, inputs, initial, want_ckpt):
         with _quiet(self.interpret):
-            return getattr(self.mod, f"{self.name}_scan")(
+            return getattr(self.mod, f"{self.name}_{self.spec['strategy']}")(
                 inputs, initial=initial, want_final=self.want_final, acc_dtype=self.acc,
                 out_dtype=self.out_dtype, config=FORCE_CONFIG, want_ckpt=want_ckpt)
 
@@ -183,6 +190,8 @@ def backward_why_not(psm, initial) -> str | None:
     from .codegen import scalarize
 
     sop = scalarize.scalarize(psm.ir)
+    if triton_codegen.strategy(psm.ir, sop, FORCE_STRATEGY) != "scan":
+        return "gradients are needed and strategy recurrent has no derived backward yet"
     _, _, why = triton_codegen.backward_plan(sop)
     if why is not None:
         return f"gradients are needed and the derived backward does not cover this op: {why}"

@@ -27,8 +27,16 @@ def test_scan_kernels_compile_for_sm90(name):
         assert ".target sm_90" in k.asm["ptx"]
 
 
+@pytest.mark.parametrize("name, dims", [("gla", {}), ("gla", dict(K=128, V=128)), ("mlstm", {})])
+def test_recurrent_kernels_compile_for_sm90(name, dims):
+    op = load(name, **dims)
+    module = triton_backend.module(op.ir, interpret=False)
+    (k,) = triton_codegen.compile_ahead(op.ir, module, arch=90, input_dtype="bf16")
+    assert ".target sm_90" in k.asm["ptx"]
+
+
 def test_low_precision_input_variant_compiles():
     op = load("linrec")
     module = triton_backend.module(op.ir, interpret=False)
-    (k,) = triton_codegen.compile_ahead(op.ir, module, arch=90, input_dtype="bf16")
+    k = triton_codegen.compile_ahead(op.ir, module, arch=90, input_dtype="bf16")[0]
     assert "bf16" in k.asm["ttir"] or "bf16" in k.asm["ptx"]

@@ -11,7 +11,7 @@ import math
 
 from .. import ir
 from . import scalarize as S
-from . import adjoint, triton_adjoint, triton_scan
+from . import adjoint, triton_adjoint, triton_recurrent, triton_scan
 from .templates import render
 
 
@@ -35,8 +35,10 @@ def literal(v, indent: int = 0) -> str:
     return open_ + "\n" + "".join(f"{pad}{i},\n" for i in items) + " " * indent + close
 
 
-def strategy(op: ir.Op, sop: S.ScalarOp | None = None) -> str:
-    """`scan` when the state per lane is a few scalars, else `recurrent`."""
+def strategy(op: ir.Op, sop: S.ScalarOp | None = None, force: str | None = None) -> str:
+    """`scan` when the state per lane is a few scalars, else `recurrent` (or `force`)."""
+    if force:
+        return force
     sop = sop or S.scalarize(op)
     return "scan" if len(sop.state_slots) <= triton_scan.MAX_SCAN_SCALARS else "recurrent"
 
@@ -66,12 +68,12 @@ def backward_plan(sop: S.ScalarOp) -> tuple[adjoint.Adjoint | None, adjoint.Adjo
     return adj, adjf, None
 
 
-def generate_module_section(op: ir.Op) -> str:
-    """Kernels and launchers for one op, as Python source text."""
+def generate_module_section(op: ir.Op, force: str | None = None) -> str:
+    """Kernels and launchers for one op, as Python source text (`force`: a strategy)."""
     sop = S.scalarize(op)
     parts = [render("triton_prelude.j2")]
-    if strategy(op, sop) == "scan":
-        spec = triton_scan.spec(sop)
+    if strategy(op, sop, force) == "scan":
+        spec = dict(triton_scan.spec(sop), strategy="scan")
         parts.append(triton_scan.generate(op, sop))
         adj, adjf, why = backward_plan(sop)
         if adj is not None:
@@ -95,16 +97,20 @@ def generate_module_section(op: ir.Op) -> str:
                                 spec_name=spec_name, summary=summary, kernel=kernel,
                                 final_kernel=final))
     else:
-        raise NotImplementedError(f"{op.name}: strategy recurrent is not generated yet")
+        spec = dict(triton_recurrent.spec(sop), strategy="recurrent")
+        parts.append(triton_recurrent.generate(op, sop))
+        parts.append(render("triton_launch_recurrent.j2", name=op.name, path=sop.path,
+                            spec_name=f"{op.name.upper()}_SPEC", spec=literal(spec),
+                            lane=sop.lane.name))
     return "\n\n\n".join(p.strip("\n") for p in parts) + "\n"
 
 
-def generate_module(op: ir.Op, version: str) -> str:
+def generate_module(op: ir.Op, version: str, force: str | None = None) -> str:
     sop = S.scalarize(op)
-    summary = (f"Strategy {strategy(op, sop)}: {len(sop.state_slots)} state scalars per lane"
+    summary = (f"Strategy {strategy(op, sop, force)}: {len(sop.state_slots)} state scalars per lane"
                + (f", lanes along {sop.lane.name} = {sop.lane.size}" if sop.lane else "") + ".")
     return render("triton_module.j2", name=op.name, version=version, path=sop.path,
-                  summary=summary, section=generate_module_section(op))
+                  summary=summary, section=generate_module_section(op, force))
 
 
 _PTR = {"f16": "*fp16", "bf16": "*bf16", "f32": "*fp32", "f64": "*fp64", "i32": "*i32",
@@ -123,14 +129,28 @@ def kernel_signatures(op: ir.Op, input_dtype: str = "f32") -> list[tuple[str, di
     for f in spec["inputs"]:
         types[f"in_{f['name']}_ptr"] = _PTR[input_dtype if f["dtype"] in ("f16", "bf16", "f32") else f["dtype"]]
     for f in spec["outputs"]:
-        types[f"out_{f['name']}_ptr"] = _PTR[f["dtype"]]
+        types[f"out_{f['name']}_ptr"] = types[f"gy_{f['name']}_ptr"] = _PTR[f["dtype"]]
+    for f in spec["inputs"]:
+        types[f"gx_{f['name']}_ptr"] = _PTR["f32"]
     for f in spec["state"]:
-        for role in ("init", "final", "ckpt"):
+        for role in ("init", "final", "ckpt", "gfinal"):
             types[f"{role}_{f['name']}_ptr"] = _PTR[f["dtype"]]
+    if strategy(op, sop) == "recurrent":
+        block_l = min(32, 1 << max(0, (sop.lane.size - 1).bit_length()))
+        return [(f"{op.name}_recurrent_kernel", types,
+                 {"HAS_INIT": True, "STORE_FINAL": True, "ACC": "fp32", "BLOCK_L": block_l, "STAGES": 2})]
     tile = 1 << (8192 // max(1, spec["scalars"])).bit_length() - 1
     block_t = max(128, min(2048, tile))
-    constexprs = {"HAS_INIT": True, "STORE_FINAL": True, "STORE_CKPT": True, "ACC": "fp32", "BLOCK_L": 1, "BLOCK_T": block_t}
-    return [(f"{op.name}_scan_kernel", types, constexprs)]
+    out = [(f"{op.name}_scan_kernel", types, {"HAS_INIT": True, "STORE_FINAL": True, "STORE_CKPT": True,
+                                              "ACC": "fp32", "BLOCK_L": 1, "BLOCK_T": block_t})]
+    adj, adjf, _ = backward_plan(sop)
+    bw = {"HAS_GFINAL": True, "ACC": "fp32", "BLOCK_L": 1, "BLOCK_T": block_t}
+    if adj is not None:
+        out.append((f"{op.name}_backward_kernel", types, bw))
+        same = adjf is not None and adjf.live == adj.live and adjf.pattern == adj.pattern
+        if adjf is not None and not same:
+            out.append((f"{op.name}_backward_final_kernel", types, bw))
+    return out
 
 
 def compile_ahead(op: ir.Op, module, arch: int = 90, input_dtype: str = "f32") -> list:
