@@ -17,6 +17,7 @@ never reported as holding: it depends on the weights a user binds.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -223,14 +224,14 @@ def check_op(op, *, max_examples: int = DEFAULT_MAX_EXAMPLES, seed: int = 0,
         if cx is not None:
             found[law] = cx
     # 2. a batched random screen of every law (fewer samples for large states)
-    scalars = sum(_numel(f.type.shape) for f in o.state) + sum(
-        _numel(o.lifted_input_type(f).shape) for f in o.inputs)
+    scalars = sum(math.prod(f.type.shape) for f in o.state) + sum(
+        math.prod(o.lifted_input_type(f).shape) for f in o.inputs)
     n_screen = max(16, min(screen_size, 200_000 // scalars))
     say(f"{o.name}: random screen")
     for law in LAWS:
         if law not in found:
             record(law, screen(h, law, n_screen, seed))
-    # 3. proofs, in forked processes, of what the screen did not refute
+    # 3. proofs, in a forked process under the budget, of what the screen did not refute
     proof_op, proof_dims, dims_note = (None, None, None) if has_externs else _proof_op(o)
     if dims_note:
         notes.append(dims_note)
@@ -330,15 +331,8 @@ def _proof_op(o: ir.Op) -> tuple[ir.Op | None, dict[str, int] | None, str | None
             continue
         if again:
             return again[0], dims, None
-    n = sum(_numel(f.type.shape) for f in o.state)
+    n = sum(math.prod(f.type.shape) for f in o.state)
     return None, None, f"no proof attempted: {n} state scalars and the op does not type-check at small dims"
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _g(x) -> str:
