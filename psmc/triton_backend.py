@@ -198,3 +198,27 @@ def backward_why_not(psm, initial) -> str | None:
     if initial is not None and any(t.requires_grad for t in initial.prefix.values()):
         return "gradients with respect to the initial state are not generated"
     return None
+
+
+def step(psm, state, p, strict: bool = True):
+    """One token on the Triton path: `{op}_step`, the forward kernel at T = 1 (a small fused
+    kernel on CUDA). `p` is the per-token `_Prepared` of PsmOp.step (no time axis). Returns
+    (outputs, new StreamState), or None to let the caller take its own path (when not strict)."""
+    from .runtime import StreamState
+
+    why = why_not(psm, p)
+    if why is None and _needs_grad(p, state):
+        why = "gradients are needed; a step on the Triton path has no autograd"
+    if why is None and (state.prefix is None or state.pending):
+        why = "the state does not belong to an associative, unchunked op"
+    if why is not None:
+        if strict:
+            raise PsmCallError(f"{psm.name}.step: the Triton path cannot run this call: {why}")
+        return None
+    interpret = p.device.type != "cuda"
+    mod = module(psm.ir, interpret)
+    with _quiet(interpret):
+        outs, final = getattr(mod, f"{psm.name}_step")(p.raw, dict(state.prefix), acc_dtype=p.float_dtype,
+                                                       out_dtype=p.out_dtype)
+    out = outs[0] if len(outs) == 1 else tuple(outs)
+    return out, StreamState(p.batch_shape, tokens=state.tokens + 1, prefix=final)

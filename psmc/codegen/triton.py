@@ -68,41 +68,54 @@ def backward_plan(sop: S.ScalarOp) -> tuple[adjoint.Adjoint | None, adjoint.Adjo
     return adj, adjf, None
 
 
-def generate_module_section(op: ir.Op, force: str | None = None) -> str:
-    """Kernels and launchers for one op, as Python source text (`force`: a strategy)."""
+def sections(op: ir.Op, force: str | None = None) -> dict[str, str]:
+    """The generated text in parts: prelude (shared helpers), forward (kernel and launcher with
+    its spec), backward (derived kernels and launcher; empty when not derived), stream (step)."""
     sop = S.scalarize(op)
-    parts = [render("triton_prelude.j2")]
-    if strategy(op, sop, force) == "scan":
+    name, spec_name = op.name, f"{op.name.upper()}_SPEC"
+    out = {"prelude": render("triton_prelude.j2"), "backward": ""}
+    strat = strategy(op, sop, force)
+    if strat == "scan":
         spec = dict(triton_scan.spec(sop), strategy="scan")
-        parts.append(triton_scan.generate(op, sop))
         adj, adjf, why = backward_plan(sop)
+        spec["backward"] = None if adj is None else dict(triton_adjoint.spec(sop), final=adjf is not None)
+        out["forward"] = _join(triton_scan.generate(op, sop),
+                               render("triton_launch_scan.j2", name=name, path=sop.path,
+                                      spec_name=spec_name, spec=literal(spec)))
         if adj is not None:
-            spec["backward"] = dict(triton_adjoint.spec(sop), final=adjf is not None)
-            parts.append(triton_adjoint.generate(op, sop, adj))
             same = adjf is not None and adjf.live == adj.live and adjf.pattern == adj.pattern
+            kernels = [triton_adjoint.generate(op, sop, adj)]
             if adjf is not None and not same:
-                parts.append(triton_adjoint.generate(op, sop, adjf, "_final"))
-        else:
-            spec["backward"] = None
-        spec_name = f"{op.name.upper()}_SPEC"
-        parts.append(render("triton_launch_scan.j2", name=op.name, path=sop.path,
-                            spec_name=spec_name, spec=literal(spec)))
-        if adj is not None:
+                kernels.append(triton_adjoint.generate(op, sop, adjf, "_final"))
             summary = (f"a reverse scan over {len(adj.live)} live adjoint(s) "
                        f"({', '.join(s.name for s in adj.live)}), "
                        + ("diagonal" if adj.diagonal else f"{len(adj.pattern)} coefficients") + ".")
-            kernel = f"{op.name}_backward_kernel"
-            final = None if adjf is None else (kernel if same else f"{op.name}_backward_final_kernel")
-            parts.append(render("triton_launch_backward.j2", name=op.name, path=sop.path,
-                                spec_name=spec_name, summary=summary, kernel=kernel,
-                                final_kernel=final))
+            kernel = f"{name}_backward_kernel"
+            final = None if adjf is None else (kernel if same else f"{name}_backward_final_kernel")
+            out["backward"] = _join(*kernels, render(
+                "triton_launch_backward.j2", name=name, path=sop.path, spec_name=spec_name,
+                summary=summary, kernel=kernel, final_kernel=final))
     else:
         spec = dict(triton_recurrent.spec(sop), strategy="recurrent")
-        parts.append(triton_recurrent.generate(op, sop))
-        parts.append(render("triton_launch_recurrent.j2", name=op.name, path=sop.path,
-                            spec_name=f"{op.name.upper()}_SPEC", spec=literal(spec),
-                            lane=sop.lane.name))
-    return "\n\n\n".join(p.strip("\n") for p in parts) + "\n"
+        out["forward"] = _join(triton_recurrent.generate(op, sop),
+                               render("triton_launch_recurrent.j2", name=name, path=sop.path,
+                                      spec_name=spec_name, spec=literal(spec), lane=sop.lane.name))
+    out["stream"] = render("triton_step.j2", name=name, path=sop.path, strategy=strat,
+                           spec_name=spec_name)
+    return out
+
+
+def _join(*parts: str) -> str:
+    return "\n\n\n".join(p.strip("\n") for p in parts if p.strip()) + "\n"
+
+
+def generate_module_section(op: ir.Op, force: str | None = None) -> str:
+    """Kernels and launchers for one op, as Python source text (`force`: a strategy).
+
+    This is what `psmc compile` pastes into DIR/<op>.py after `import torch`, `import triton` and
+    `import triton.language as tl`."""
+    s = sections(op, force)
+    return _join(s["prelude"], s["forward"], s["backward"], s["stream"])
 
 
 def generate_module(op: ir.Op, version: str, force: str | None = None) -> str:
