@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ir
+from .standalone import _align, _matmul
 
 State = dict[str, torch.Tensor]
 
@@ -93,7 +94,7 @@ class Evaluator:
     def _binary(self, e: ir.Binary):
         a, b = self.eval(e.lhs), self.eval(e.rhs)
         if e.op == "@":
-            return self._matmul(a, b, e.lhs.type.rank, e.rhs.type.rank)
+            return _matmul(a, b, e.lhs.type.rank, e.rhs.type.rank)
         r = e.type.rank
         a, b = _align(a, e.lhs.type.rank, r), _align(b, e.rhs.type.rank, r)
         op = e.op
@@ -103,16 +104,6 @@ class Evaluator:
             a, b = self._tensor(a, torch.bool), self._tensor(b, torch.bool)
             return torch.logical_and(a, b) if op == "and" else torch.logical_or(a, b)
         return _PY_BINARY[op](a, b)  # Python operators: torch's scalar/tensor promotion rules
-
-    def _matmul(self, a, b, ra: int, rb: int):
-        if ra == 1 and rb == 1:
-            return (a * b).sum(-1)
-        if ra == 1:
-            return (_align(a.unsqueeze(-1), 2, rb) * b).sum(-2)
-        if rb == 1:
-            return (a * _align(b.unsqueeze(-2), 2, ra)).sum(-1)
-        r = max(ra, rb)
-        return torch.matmul(_align(a, ra, r), _align(b, rb, r))
 
     def _call(self, e: ir.Call):
         name = e.func
@@ -184,14 +175,6 @@ class Evaluator:
         if isinstance(x, torch.Tensor) and not x.is_floating_point():
             return x.to(self.float_dtype)
         return float(x) if isinstance(x, (int, bool)) else x
-
-
-def _align(x, rank: int, target: int):
-    """Insert `target - rank` axes just before the last `rank` (field) axes of x."""
-    if not isinstance(x, torch.Tensor) or target <= rank:
-        return x
-    nb = x.dim() - rank
-    return x.reshape(x.shape[:nb] + (1,) * (target - rank) + x.shape[nb:])
 
 
 _PY_BINARY = {
