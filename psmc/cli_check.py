@@ -178,19 +178,6 @@ def _positive_int(text: str) -> int:
     return n
 
 
-def _parse_sets(values: list[str] | None) -> dict[str, int]:
-    dims: dict[str, int] = {}
-    for item in values or []:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip().isidentifier():
-            raise PsmError(f"--set expects DIM=VALUE, got {item!r}", hint="e.g. --set K=128")
-        try:
-            dims[name.strip()] = int(value)
-        except ValueError:
-            raise PsmError(f"--set {name}: {value!r} is not an integer", hint="e.g. --set K=128") from None
-    return dims
-
-
 def _load_all(paths: list[str], sets: list[str] | None, only: str | None):
     """Every op of every file, [(path, PsmOp)], all loaded before any is checked.
 
@@ -200,7 +187,9 @@ def _load_all(paths: list[str], sets: list[str] | None, only: str | None):
     from .parser import decode, parse
     from .runtime import PsmOp
 
-    dims = _parse_sets(sets)
+    from .cli import parse_sets  # one parser of --set for every subcommand
+
+    dims = parse_sets(sets)
     out, declared_any = [], set()
     for path in paths:
         try:
