@@ -6,8 +6,10 @@ one the tree kernels compile (externs, chunks: strategy `level`, i.e. the torch 
 
 A fresh call (no stream state in or out) runs on kernels only: the block totals of the inputs
 (`up_x`), their canonical prefixes by the same tree, recursively (`up_s` / `down_s`), and the
-outputs from each block's starting prefix (`down_x`). Each launch is an autograd Function whose
-backward is the matching reverse kernel, so gradients flow through the same tree.
+outputs from each block's starting prefix (`down_x`). Without gradients this uses the `lanes`
+family (each thread runs the subtree of its few elements in registers; only lane totals move
+between threads). With gradients it uses the split/join family, each launch an autograd Function
+whose backward is the matching reverse kernel, so gradients flow through the same tree.
 
 A call that continues or returns a stream state needs the binary counter too. Its elements then
 split at the block grid of the whole stream (blocks start at multiples of BS counted from the
@@ -35,39 +37,44 @@ from .codegen import tree as tree_codegen
 from .errors import PsmCallError
 from .standalone import Counter, Prepared, StreamState
 
-_BLOCK = {"cuda": 256, "cpu": 64}
-_NUM_WARPS = {64: 2, 128: 4, 256: 4, 512: 8, 1024: 8}
+_BLOCK = {"cuda": 64, "cpu": 64}  # split/join family (gradients, stream state)
+_LANES = {"cuda": 128, "cpu": 16}  # lanes family (forward only): threads a block
+_NUM_WARPS = {4: 1, 8: 1, 16: 1, 32: 1, 64: 2, 128: 4, 256: 4, 512: 8, 1024: 8}
 _CACHE: dict = {}
 
 
 @contextlib.contextmanager
-def block_size(block: int) -> Iterator[None]:
-    """Run the tree kernels with blocks of `block` elements inside this context (tests, tuning)."""
-    old = dict(_BLOCK)
+def block_size(block: int, lanes: int | None = None) -> Iterator[None]:
+    """Blocks of `block` elements (split/join family) and of `lanes` threads (lanes family)
+    inside this context: tests use small ones to cross many blocks, benchmarks sweep them."""
+    old, old_lanes = dict(_BLOCK), dict(_LANES)
     _BLOCK.update(cuda=block, cpu=block)
+    if lanes:
+        _LANES.update(cuda=lanes, cpu=lanes)
     try:
         yield
     finally:
-        _BLOCK.clear()
         _BLOCK.update(old)
+        _LANES.update(old_lanes)
 
 
-def kernels(op_ir, block: int, interpret: bool) -> tuple[tree_codegen.TreeKernels, dict]:
-    """Generated tree kernels of an op, exec'd once per (op, block, interpreted or compiled)."""
-    key = (op_ir.name, op_ir.dims, op_ir.source.text, block, interpret)
+def kernels(op_ir, block: int, interpret: bool, lanes: int = 0) -> tuple[tree_codegen.TreeKernels, dict]:
+    """Generated tree kernels of an op, exec'd once per (op, blocks, interpreted or compiled)."""
+    key = (op_ir.name, op_ir.dims, op_ir.source.text, block, lanes, interpret)
     hit = _CACHE.get(key)
     if hit is not None:
         return hit
     import triton
     import triton.language as tl
 
-    tk = tree_codegen.generate(op_ir, block)
+    per_lane = tree_codegen.lane_config(op_ir, lanes)[1] if lanes else 0
+    tk = tree_codegen.generate(op_ir, block, lanes, per_lane)
     ns = {"triton": triton, "tl": tl, "__name__": f"psmc_tree_{op_ir.name}"}
     old = triton.knobs.runtime.interpret
     triton.knobs.runtime.interpret = interpret  # read when @triton.jit runs
     # Triton reads a kernel's source through inspect, so the text goes into linecache first.
     digest = hashlib.sha1(tk.source.encode()).hexdigest()[:12]
-    filename = f"<psmc-tree-{op_ir.name}-{block}-{digest}>"
+    filename = f"<psmc-tree-{op_ir.name}-{block}-{lanes}-{digest}>"
     linecache.cache[filename] = (len(tk.source), None, tk.source.splitlines(True), filename)
     try:
         exec(compile(tk.source, filename, "exec"), ns)
@@ -84,8 +91,10 @@ class _Tree:
     def __init__(self, op_ir, device: torch.device, rows: int, acc: torch.dtype):
         import triton.language as tl
 
-        self.block = _BLOCK["cuda" if device.type == "cuda" else "cpu"]
-        self.spec, self.fns = kernels(op_ir, self.block, interpret=device.type != "cuda")
+        where = "cuda" if device.type == "cuda" else "cpu"
+        self.block = _BLOCK[where]
+        self.spec, self.fns = kernels(op_ir, self.block, device.type != "cuda", _LANES[where])
+        self.lane_block = self.spec.lane_block
         self.rows = rows
         self.acc = acc
         self.tl_acc = {torch.float32: tl.float32, torch.float64: tl.float64}[acc]
@@ -93,20 +102,22 @@ class _Tree:
         self.device = device
         self.warps = _NUM_WARPS.get(self.block, 4)
 
-    def nblk(self, n: int) -> int:
-        return -(-n // self.block)
+    def nblk(self, n: int, block: int | None = None) -> int:
+        return -(-n // (block or self.block))
 
     def launch(self, kind: str, n: int, *args, **constexprs) -> None:
-        grid = (self.rows * self.nblk(n),)
+        lanes = kind.startswith("lanes_")
+        grid = (self.rows * self.nblk(n, self.lane_block if lanes else self.block),)
+        warps = _NUM_WARPS.get(self.spec.lanes, 4) if lanes else self.warps
         if self.device.type == "cuda":
-            self.fns[kind][grid](*args, n, ACC=self.tl_acc, num_warps=self.warps, **constexprs)
+            self.fns[kind][grid](*args, n, ACC=self.tl_acc, num_warps=warps, **constexprs)
             return
         import numpy as np
 
         # The interpreter evaluates both sides of every tl.where in numpy; the identity's -inf
         # makes the untaken side warn (inf - inf) without touching the result.
         with np.errstate(all="ignore"):
-            self.fns[kind][grid](*args, n, ACC=self.tl_acc, num_warps=self.warps, **constexprs)
+            self.fns[kind][grid](*args, n, ACC=self.tl_acc, num_warps=warps, **constexprs)
 
     def empty(self, *shape) -> torch.Tensor:
         return torch.empty(shape, dtype=self.acc, device=self.device)
@@ -209,6 +220,32 @@ class _DownS(torch.autograd.Function):
         return None, None, dpin, dst
 
 
+def fast_prefixes(tree: _Tree, st: torch.Tensor, n: int) -> torch.Tensor:
+    """`prefixes` on the forward-only lanes kernels."""
+    B = tree.lane_block
+    pout = tree.empty(tree.rows, n + 1, tree.ns)
+    if n <= B:
+        tree.launch("lanes_down_s", n, st, st, pout, HAS_START=False)
+        return pout
+    tot = tree.empty(tree.rows, tree.nblk(n, B), tree.ns)
+    tree.launch("lanes_up_s", n, st, tot)
+    tree.launch("lanes_down_s", n, st, fast_prefixes(tree, tot, tree.nblk(n, B)), pout, HAS_START=True)
+    return pout
+
+
+def fast_outputs(tree: _Tree, xs: list[torch.Tensor], n: int) -> tuple[torch.Tensor, ...]:
+    """`outputs` on the forward-only lanes kernels."""
+    B = tree.lane_block
+    ys = tuple(tree.empty(tree.rows, n, f.size) for f in tree.spec.outputs)
+    if n <= B:
+        tree.launch("lanes_down_x", n, *xs, xs[0], *ys, HAS_START=False)
+        return ys
+    tot = tree.empty(tree.rows, tree.nblk(n, B), tree.ns)
+    tree.launch("lanes_up_x", n, *xs, tot)
+    tree.launch("lanes_down_x", n, *xs, fast_prefixes(tree, tot, tree.nblk(n, B)), *ys, HAS_START=True)
+    return ys
+
+
 def prefixes(tree: _Tree, st: torch.Tensor, n: int) -> torch.Tensor:
     """The n + 1 canonical prefixes of n states [rows, n, slots], by the tree kernels."""
     if n <= tree.block:
@@ -262,7 +299,10 @@ def _flat_inputs(tree: _Tree, p: Prepared) -> list[torch.Tensor]:
 def _kernel_outputs(tree: _Tree, p: Prepared) -> tuple[torch.Tensor, ...]:
     if p.T == 0:
         return tuple(tree.empty(tree.rows, 0, f.size) for f in tree.spec.outputs)
-    return outputs(tree, _flat_inputs(tree, p), p.T)
+    xs = _flat_inputs(tree, p)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
+        return outputs(tree, xs, p.T)
+    return fast_outputs(tree, xs, p.T)
 
 
 def _finish(op, p: Prepared, ys, final: StreamState | None, return_state: bool):

@@ -124,7 +124,7 @@ def test_duality(name, T):
         close(_prefill_then_step(op, x, t, 1), want, F64_TOL)
     if not op.ir.externs and T <= 100:  # the interpreted kernels: T = 1000 is in test_tree
         x32 = {k: v.float() for k, v in x.items()}
-        close(run_tree(op, x32, block=16), want, F32_TOL)
+        close(run_tree(op, x32, lanes=2), want, F32_TOL)
         y1, st = run_tree(op, {k: v[:, :T // 2] for k, v in x32.items()}, return_state=True)
         y2 = run_tree(op, {k: v[:, T // 2:] for k, v in x32.items()}, initial=st)
         close(torch.cat([y1, y2], dim=1), want, F32_TOL)

@@ -25,8 +25,10 @@ F32_TOL = dict(rtol=1e-5, atol=1e-5)  # f32 kernels against the f64 reference
 F64_TOL = dict(rtol=1e-12, atol=1e-12)
 
 
-def run_tree(op, inputs, initial=None, return_state=False, block=16):
-    with tree_backend.block_size(block):
+def run_tree(op, inputs, initial=None, return_state=False, block=16, lanes=None):
+    """tree_backend.run with small blocks: `block` for the split/join family (gradients, stream
+    state), `lanes` threads for the forward-only lanes family (a few elements each)."""
+    with tree_backend.block_size(block, lanes):
         return tree_backend.run(op, prepare(op.spec, inputs), initial, return_state, strict=True)
 
 
@@ -41,20 +43,24 @@ def test_forward_equals_reference(name, T):
     op = example_op(name)
     x64 = random_inputs(op, (2,), T, seed=T)
     want = op.reference(**x64)
-    close(run_tree(op, x64, block=4), want, F64_TOL)  # 100 elements: 25 blocks, 3 levels up
+    close(run_tree(op, x64, lanes=2), want, F64_TOL)  # 100 elements: 7 or 13 blocks, 2 levels up
     x32 = {k: v.float() for k, v in x64.items()}
-    got = run_tree(op, x32, block=16)
+    got = run_tree(op, x32, lanes=4)
     assert as_tuple(got)[0].dtype == torch.float32
     close(got, want, F32_TOL)
+    with torch.enable_grad():  # with gradients: the split/join family, 25 blocks, 3 levels up
+        close(run_tree(op, {k: v.requires_grad_() for k, v in x64.items()}, block=4), want, F64_TOL)
 
 
 @pytest.mark.parametrize("name", TREE_OPS)
 def test_forward_long_sequence(name):
-    """T = 1000 in blocks of 64: 16 blocks, their totals scanned by a second tree pass."""
+    """T = 1000: 16 blocks of 64 (split/join), 16 or 32 blocks of 8 lanes (lanes family), their
+    totals scanned by a second tree pass."""
     op = example_op(name)
     x = random_inputs(op, (), 1000, dtype=torch.float32, seed=5)
     want = op(**{k: v.double() for k, v in x.items()}, backend="torch")  # f64, the same tree
-    close(run_tree(op, x, block=64), want, F32_TOL)
+    close(run_tree(op, x, lanes=8), want, F32_TOL)
+    close(run_tree(op, {k: v.requires_grad_() for k, v in x.items()}, block=64), want, F32_TOL)
 
 
 @pytest.mark.parametrize("name", TREE_OPS)
@@ -143,6 +149,10 @@ def test_generated_source_is_readable_and_interpreter_safe(name):
     assert not re.search(r"tl\.(sigmoid|zeros|zeros_like|cdiv|softmax|sum|max|min)\(", src)
     for k in tree_codegen.KINDS:
         assert f"def {name}_tree_{k}(" in src
+    lanes = tree_codegen.generate(op.ir, 8, lanes=4, per_lane=4).source
+    for k in tree_codegen.LANE_KINDS:
+        assert f"def {name}_tree_{k}(" in lanes
+    assert "# inside each lane: the subtree of its 4 elements" in lanes
 
 
 @pytest.mark.parametrize("name", TREE_OPS)
@@ -154,7 +164,8 @@ def test_every_kernel_compiles_for_sm90(name):
     from triton.compiler import ASTSource
 
     op = example_op(name, D=2)
-    tk, fns = tree_backend.kernels(op.ir, 8, interpret=False)
+    tk, fns = tree_backend.kernels(op.ir, 8, interpret=False, lanes=4)
+    assert set(tree_codegen.LANE_KINDS) <= set(tk.kinds)
     target = GPUTarget("cuda", 90, 32)
     for kind in tk.kinds:
         sig = tk.signature(kind)

@@ -33,7 +33,7 @@ Kernels (all take `ACC`, the accumulation dtype, and `HAS_START` where a block m
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy as sp
 
@@ -44,6 +44,7 @@ from .triton_expr import TritonPrinter
 
 DEFAULT_BLOCK = 256
 KINDS = ("up_x", "up_s", "down_x", "down_s", "bwd_up_x", "bwd_up_s", "bwd_down_x", "bwd_down_s")
+LANE_KINDS = ("lanes_up_x", "lanes_up_s", "lanes_down_x", "lanes_down_s")
 
 
 class Unsupported(Exception):
@@ -69,18 +70,25 @@ class TreeKernels:
     inputs: tuple[FieldArgs, ...]
     outputs: tuple[FieldArgs, ...]
     exclusive: bool
+    lanes: int = 0  # the forward-only lanes family: `lanes` threads x `per_lane` elements a block
+    per_lane: int = 0
+
+    @property
+    def lane_block(self) -> int:
+        return self.lanes * self.per_lane
 
     def kernel(self, kind: str) -> str:
         return f"{self.op_name}_tree_{kind}"
 
     @property
     def kinds(self) -> tuple[str, ...]:
-        return KINDS
+        return KINDS + (LANE_KINDS if self.lanes else ())
 
     def signature(self, kind: str, ptr: str = "*fp32") -> dict[str, str]:
         """Argument types for ahead-of-time compilation (triton.compile with an ASTSource)."""
         xs = [f"x_{f.name}_ptr" for f in self.inputs]
         ys = [f"y_{f.name}_ptr" for f in self.outputs]
+        kind = kind.removeprefix("lanes_")
         args = {
             "up_x": xs + ["tot_ptr"],
             "up_s": ["st_ptr", "tot_ptr"],
@@ -396,13 +404,130 @@ class _Body:
                 for j, s in enumerate(self.slots)]
 
 
-def generate(op: ir.Op, block: int = DEFAULT_BLOCK) -> TreeKernels:
-    """The tree kernels of `op` for blocks of `block` (a power of two >= 2) elements."""
+class _Lanes:
+    """The forward-only `lanes` family: a block is `R` lanes (threads) of `E` elements each.
+
+    Inside a lane the canonical subtree of its E elements is straight-line scalar code on named
+    registers (no data movement at all); the R lane totals then go through the split/join tree of
+    `_Body`, which hands each lane its starting prefix, and the lane's own down-sweep finishes.
+    A lane's E elements are an aligned block, so this is the same canonical tree, cut differently.
+    """
+
+    def __init__(self, sop: S.ScalarOp, lanes: int, per_lane: int):
+        self.sop, self.R, self.E = sop, lanes, per_lane
+        self.LE = per_lane.bit_length() - 1
+        self.BS = lanes * per_lane
+        self.cross = _Body(sop, lanes)
+        self.slots = self.cross.slots
+
+    def vars(self, prefix: str) -> list[str]:
+        return [f"{prefix}_{s}" for s in self.slots]
+
+    def head(self, prefix_rows: bool) -> list[str]:
+        out = [f"# one program per block of {self.R} lanes x {self.E} elements of one sequence (row)",
+               f"nblk = (n + {self.BS - 1}) // {self.BS}",
+               "pid = tl.program_id(0)", "blk = pid % nblk", "row = (pid // nblk).to(tl.int64)",
+               "trow = row * nblk", "prow = row * (nblk + 1)",
+               f"base = blk * {self.BS} + tl.arange(0, {self.R}) * {self.E}"]
+        for j in range(self.E):
+            out += [f"i{j} = base + {j}", f"m{j} = i{j} < n", f"pos{j} = row * n + i{j}"]
+            if prefix_rows:
+                out.append(f"ppos{j} = row * (n + 1) + i{j}")
+        return out
+
+    def x_vars(self, j: int) -> list[str]:
+        return [f"x{j}_{s.name}" for s in self.sop.input_slots]
+
+    def load_x(self) -> list[str]:
+        out = []
+        for j in range(self.E):
+            for f in self.sop.inputs:
+                size = math.prod(f.shape)
+                for k, sl in enumerate(self.sop.slots(f)):
+                    out.append(f"x{j}_{sl.name} = tl.load(x_{f.name}_ptr + pos{j} * {size} + {k}, "
+                               f"mask=m{j}, other=0).to(ACC)")
+        return out
+
+    def lift(self) -> list[str]:
+        out = [f"# {self.sop.where('lift')}; past the end: the identity"]
+        ident = self.cross.ident
+        for j in range(self.E):
+            out.append(self.cross.call(self.vars(f"u0_{j}"), "lift", self.x_vars(j)))
+            out += [f"u0_{j}_{s} = tl.where(m{j}, u0_{j}_{s}, {ident[s]})" for s in self.slots]
+        return out
+
+    def load_s(self) -> list[str]:
+        ident, NS = self.cross.ident, self.cross.NS
+        return [f"u0_{j}_{s} = tl.load(st_ptr + pos{j} * {NS} + {q}, mask=m{j}, other={ident[s]}).to(ACC)"
+                for j in range(self.E) for q, s in enumerate(self.slots)]
+
+    def up(self) -> list[str]:
+        out = [f"# inside each lane: the subtree of its {self.E} elements"]
+        for k in range(self.LE):
+            for i in range(self.E >> (k + 1)):
+                out.append(self.cross.call(self.vars(f"u{k + 1}_{i}"), "combine",
+                                           self.vars(f"u{k}_{2 * i}"), self.vars(f"u{k}_{2 * i + 1}")))
+        out.append(f"# across lanes: the {self.R} lane totals")
+        out += [f"t0_{s} = u{self.LE}_0_{s}" for s in self.slots]
+        return out + self.cross.up()
+
+    def down(self) -> tuple[list[str], list[str], list[str]]:
+        """Lines of the in-lane down-sweep, and per element its exclusive / inclusive prefix."""
+        name = {(self.LE, 0): "p0"}  # the lane's exclusive prefix, from the cross-lane tree
+        out = [f"# inside each lane, from the lane's prefix"]
+        for k in range(self.LE - 1, -1, -1):
+            for i in range(self.E >> (k + 1)):
+                parent = name[(k + 1, i)]
+                name[(k, 2 * i)] = parent
+                name[(k, 2 * i + 1)] = f"d{k}_{2 * i + 1}"
+                out.append(self.cross.call(self.vars(f"d{k}_{2 * i + 1}"), "combine",
+                                           self.vars(parent), self.vars(f"u{k}_{2 * i}")))
+        excl = [name[(0, j)] for j in range(self.E)]
+        incl = excl[1:] + ["q0"]
+        return out, excl, incl
+
+    def output(self, pre: list[str]) -> list[str]:
+        out = [f"# {self.sop.where('output')} "
+               f"({'exclusive' if self.sop.op.exclusive else 'inclusive'} prefix)"]
+        for j in range(self.E):
+            ys = [f"y{j}_{s.name}" for s in self.sop.output_slots]
+            out.append(self.cross.call(ys, "output", self.vars(pre[j]), self.x_vars(j)))
+            for f in self.sop.outputs:
+                size = math.prod(f.shape)
+                for k, sl in enumerate(self.sop.slots(f)):
+                    out.append(f"tl.store(y_{f.name}_ptr + pos{j} * {size} + {k}, "
+                               f"y{j}_{sl.name}.to(y_{f.name}_ptr.dtype.element_ty), mask=m{j})")
+        return out
+
+    def store_prefixes(self, excl: list[str], incl: list[str]) -> list[str]:
+        NS = self.cross.NS
+        out = []
+        for j in range(self.E):
+            out += [f"tl.store(pout_ptr + ppos{j} * {NS} + {q}, {excl[j]}_{s}, mask=m{j})"
+                    for q, s in enumerate(self.slots)]
+            out += [f"tl.store(pout_ptr + (ppos{j} + 1) * {NS} + {q}, {incl[j]}_{s}, mask=i{j} == n - 1)"
+                    for q, s in enumerate(self.slots)]
+        return out
+
+
+def lane_config(op: ir.Op, lanes: int = 128) -> tuple[int, int]:
+    """(lanes, elements per lane): about 64 state scalars of in-lane tree per lane."""
+    ns = len(S.ScalarOp(op).state_slots)
+    per_lane = 1 << max(1, min(4, (64 // max(1, ns)).bit_length() - 1))
+    return lanes, per_lane
+
+
+def generate(op: ir.Op, block: int = DEFAULT_BLOCK, lanes: int = 0, per_lane: int = 0) -> TreeKernels:
+    """The tree kernels of `op` for blocks of `block` (a power of two >= 2) elements, and with
+    `lanes` > 0 the forward-only lanes family for blocks of `lanes` x `per_lane` elements."""
     why = supported(op)
     if why:
         raise Unsupported(f"{op.name}: strategy tree cannot compile this op: {why}")
     if block < 2 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 2, got {block}")
+    for what, v in (("lanes", lanes), ("per_lane", per_lane)):
+        if lanes and (v < 2 or v & (v - 1)):
+            raise ValueError(f"{what} must be a power of two >= 2, got {v}")
     sop = S.ScalarOp(op)
     b = _Body(sop, block)
     name = op.name
@@ -428,7 +553,8 @@ def generate(op: ir.Op, block: int = DEFAULT_BLOCK) -> TreeKernels:
     fields = lambda fs: tuple(FieldArgs(f.name, math.prod(f.shape), f.dtype) for f in fs)
     kernels = TreeKernels(
         op_name=name, block=block, source="", state_slots=tuple(st), state_fields=fields(sop.state),
-        inputs=fields(sop.inputs), outputs=fields(sop.outputs), exclusive=excl)
+        inputs=fields(sop.inputs), outputs=fields(sop.outputs), exclusive=excl, lanes=lanes,
+        per_lane=per_lane)
     sig = {k: ", ".join(a for a in kernels.signature(k) if a not in ("n", "HAS_START", "ACC"))
            for k in kernels.kinds}
     source = render(
@@ -445,7 +571,18 @@ def generate(op: ir.Op, block: int = DEFAULT_BLOCK) -> TreeKernels:
         load_gtot=b.load_gtot(), up_rev_down=b.up_reversed(with_down=True),
         up_rev_only=b.up_reversed(with_down=False),
         lift_vjp_down=b.lift_vjp_store(with_output=True), lift_vjp_up=b.lift_vjp_store(with_output=False),
-        store_gs=b.store_gs(),
+        store_gs=b.store_gs(), lanes=_lane_pieces(sop, lanes, per_lane) if lanes else None,
     )
-    return TreeKernels(name, block, source, kernels.state_slots, kernels.state_fields, kernels.inputs,
-                       kernels.outputs, excl)
+    return replace(kernels, source=source)
+
+
+def _lane_pieces(sop: S.ScalarOp, lanes: int, per_lane: int) -> dict:
+    L = _Lanes(sop, lanes, per_lane)
+    down, excl, incl = L.down()
+    given, none = L.cross.start(need_q=True)
+    pre = excl if sop.op.exclusive else incl
+    return {"R": L.R, "E": L.E, "head": L.head(False), "head_p": L.head(True), "load_x": L.load_x(),
+            "lift": L.lift(), "load_s": L.load_s(), "up": L.up(), "start_given": given,
+            "start_none": none, "cross_down": L.cross.down(need_p0=True, need_q=True), "down": down,
+            "output": L.output(pre), "store_prefixes": L.store_prefixes(excl, incl),
+            "store_total": L.cross.store_total()}
