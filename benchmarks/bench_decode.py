@@ -6,7 +6,8 @@
 For each prefix length N the stream state comes from one parallel prefill (`return_state=True`);
 then K = 64 tokens are decoded one at a time, and the wall time of the whole window (the GPU
 synchronized once at its end) over K is the per-token time; the median of R windows decoded from
-the same state is reported. Windows start at N = 2^k, so every window does the same chunk merges.
+the same state is reported, the rounds interleaving all N (a warm-up round first). Windows start
+at N = 2^k, so every window does the same chunk merges.
 
 Transformer-PSM: examples/tpsm.psm with psmc.nn (C = 16, D = 64, 4 heads, one block each for
 enc/agg/inf), state = binary counter of chunk states: per token one enc, one agg and one inf call
@@ -58,9 +59,10 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def window(step, K: int, R: int) -> float:
+def window(step, K: int, R: int, warm: bool = True) -> float:
     """Median over R windows of the per-token wall time of K decode steps, in microseconds."""
-    step(K)  # warm-up: allocator, kernels, caches
+    if warm:
+        step(K)  # warm-up: allocator, kernels, caches
     sync()
     times = []
     for _ in range(R):
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--B", type=int, default=16)
     ap.add_argument("--logn", default="10,11,12,13,14,15,16,17")
     ap.add_argument("--K", type=int, default=64)
-    ap.add_argument("--R", type=int, default=5)
+    ap.add_argument("--R", type=int, default=7)
     args = ap.parse_args(argv)
     if args.plot_only:
         plot(Path(args.plot_only))
@@ -95,42 +97,53 @@ def main(argv=None) -> int:
     op.bind(**tpsm_modules(C, D, heads=H)).to(dev).eval()
     kv = KVDecoder(D, H).to(dev).eval()
     toks = torch.randn(K, B, D, device=dev)
-    rows = []
-    for logn in map(int, args.logn.split(",")):
-        N = 1 << logn
+    Ns = [1 << int(k) for k in args.logn.split(",")]
+    states, caches, prefill_ms = {}, {}, {}
+    for N in Ns:  # one parallel prefill per N (the level path), one KV cache per N
         u = torch.randn(B, N, D, device=dev)
         sync()
         t0 = time.perf_counter()
-        _, st0 = op(u=u, return_state=True)  # parallel prefill: the level path
+        _, states[N] = op(u=u, return_state=True)
         sync()
-        prefill_ms = (time.perf_counter() - t0) * 1e3
+        prefill_ms[N] = (time.perf_counter() - t0) * 1e3
         del u
+        caches[N] = (torch.randn(B, H, N + K, D // H, device=dev), torch.randn(B, H, N + K, D // H, device=dev))
 
-        def tpsm_steps(k):
-            st = st0
+    def tpsm_steps(N):
+        def run(k):
+            st = states[N]
             for t in range(k):
                 _, st = op.step(st, u=toks[t])
             return st
+        return run
 
-        st_end = tpsm_steps(K)
-        tpsm_us = window(tpsm_steps, K, args.R)
-        Kc = torch.randn(B, H, N + K, D // H, device=dev)
-        Vc = torch.randn(B, H, N + K, D // H, device=dev)
+    def kv_steps(N):
+        Kc, Vc = caches[N]
 
-        def kv_steps(k):
+        def run(k):
             n = N
             for t in range(k):
                 _, n = kv.step(toks[t], Kc, Vc, n)
+        return run
 
-        kv_us = window(kv_steps, K, args.R)
-        del Kc, Vc
-        row = {"N": N, "tpsm_us_per_token": tpsm_us, "kv_us_per_token": kv_us,
-               "tpsm_states_held": st_end.states_held(), "prefill_ms": prefill_ms,
+    # Rounds interleave the N values, so drifting clocks or a busy host spread over all of them.
+    samples = {N: {"tpsm": [], "kv": []} for N in Ns}
+    for rnd in range(args.R + 1):
+        for N in Ns:
+            for what, fn in (("tpsm", tpsm_steps(N)), ("kv", kv_steps(N))):
+                t = window(fn, K, 1, warm=False)
+                if rnd:  # round 0 warms up
+                    samples[N][what].append(t)
+    rows = []
+    for N in Ns:
+        held = tpsm_steps(N)(K).states_held()
+        row = {"N": N, "tpsm_us_per_token": statistics.median(samples[N]["tpsm"]),
+               "kv_us_per_token": statistics.median(samples[N]["kv"]),
+               "tpsm_samples": samples[N]["tpsm"], "kv_samples": samples[N]["kv"],
+               "tpsm_states_held": held, "prefill_ms": prefill_ms[N],
                "kv_cache_MB": 2 * B * (N + K) * D * 4 / 1e6}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
     meta = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
             "triton": __import__("triton").__version__, "B": B, "C": C, "D": D, "heads": H, "K": K,
             "R": args.R}
@@ -180,7 +193,7 @@ def plot(out: Path) -> None:
         labels = [f"{r['B']}x{r['T']}" for r in rows]
         xs = range(len(rows))
         w = 0.27
-        ax.bar([x - w for x in xs], [r["tree_us"][str(r["best_block"])] for r in rows], w,
+        ax.bar([x - w for x in xs], [r["tree_us"][str(r["best_lanes"])] for r in rows], w,
                label="tree (nonassoc_mix)")
         ax.bar(list(xs), [r["torch_cumsum_us"] for r in rows], w, label="torch.cumsum, same bytes")
         ax.bar([x + w for x in xs], [r["psmc_scan_us"] or 0 for r in rows], w, label="psmc scan (cumsum), same bytes")
