@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import ir
-from .errors import PsmError
+from .errors import Loc, PsmError
 from .parser import decode, parse
 from .runtime import PsmOp
 from .typecheck import check
@@ -14,7 +14,11 @@ from .typecheck import check
 def load_ops(text: str | bytes, path: str = "<string>", **dims: int) -> list[ir.Op]:
     """Parse and type-check; the IR of every op in the text, with `dims` bound."""
     source = decode(text if isinstance(text, bytes) else text.encode("utf-8"), path)
-    return check(parse(source), dims)
+    try:
+        return check(parse(source), dims)
+    except RecursionError:
+        raise PsmError("the program nests too deeply for psmc to read", Loc(source, 1, 1),
+                       "split long expressions into several `let`s") from None
 
 
 def compile_source(text: str, path: str = "<string>", **dims: int) -> dict[str, PsmOp]:

@@ -120,6 +120,7 @@ class StreamState:
     """
 
     batch_shape: Tuple[int, ...]
+    op: str = ""  # the op (name and state fields) this stream belongs to
     tokens: int = 0
     prefix: Optional[State] = None
     counter: Optional[Counter] = None
@@ -355,8 +356,12 @@ def init_state(spec: Spec, fns: Functions, batch_shape, device=None, dtype=None)
     float_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     e = fns.identity(batch_shape, float_dtype, torch.device(device or "cpu"))
     if spec.associative:
-        return StreamState(batch_shape, prefix=e)
-    return StreamState(batch_shape, counter=Counter(identity=e))
+        return StreamState(batch_shape, _owner(spec), prefix=e)
+    return StreamState(batch_shape, _owner(spec), counter=Counter(identity=e))
+
+
+def _owner(spec: Spec) -> str:
+    return f"{spec.name}({', '.join(f.name for f in spec.state)})"
 
 
 def _broadcast_state(st: State, batch: Tuple[int, ...], old_nb: int) -> State:
@@ -432,6 +437,7 @@ def run(spec: Spec, fns: Functions, p: Prepared, initial: Optional[StreamState],
         incl = _cat(incl, combine(before, _take(elements, nb, slice(n_full, n_full + 1))), nb)
         final.pending = {k: v.narrow(nb, n_full * C, rest) for k, v in inputs.items()}
     final.tokens = initial.tokens + p.T
+    final.op = _owner(spec)
     outs = fns.output(excl if spec.exclusive else incl, tokens, elem_batch)
     results = []
     for f in spec.outputs:
@@ -451,6 +457,7 @@ def step(spec: Spec, fns: Functions, state: StreamState, inputs: Dict[str, torch
     if not isinstance(state, StreamState):
         raise PsmCallError(f"{spec.name}.step: state must come from init_state() or "
                            f"return_state=True, got {type(state).__name__}")
+    check_state(spec, state, state.batch_shape)
     p = prepare(spec, inputs, per_token=True)
     nb = len(p.batch_shape)
     seq = {k: v.unsqueeze(nb) for k, v in p.inputs.items()}
@@ -467,6 +474,9 @@ def check_state(spec: Spec, st: StreamState, batch: Tuple[int, ...]) -> None:
                            f"return_state=True, got {type(st).__name__}")
     if (st.prefix is not None) != spec.associative:
         raise PsmCallError(f"{spec.name}: this state belongs to an op with other semantics")
+    if st.op and st.op != _owner(spec):
+        raise PsmCallError(f"{spec.name}: this state belongs to {st.op or 'another op'}, not "
+                           f"{_owner(spec)}")
     try:
         torch.broadcast_shapes(st.batch_shape, batch)
     except RuntimeError:

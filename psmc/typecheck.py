@@ -257,6 +257,10 @@ class _OpChecker:
                 raise PsmError(f"{v} is not a valid {t.dtype} value", e.loc,
                                "integer fields need integer identities (inf is not an integer)")
             v = int(v)
+            bits = {"i32": 31, "i64": 63}.get(t.dtype)
+            if bits is not None and not -(2 ** bits) <= v < 2 ** bits:
+                raise PsmError(f"{v} does not fit in {t.dtype}", e.loc,
+                               f"{t.dtype} holds {-(2 ** bits)} to {2 ** bits - 1}; use i64 or a smaller value")
             if t.dtype == "bool" and v not in (0, 1):
                 raise PsmError(f"{v} is not a bool", e.loc, "use 0 or 1")
         return v
@@ -345,7 +349,7 @@ class _OpChecker:
     # -- expressions --
     def expr(self, e: S.Expr, scope: _Scope) -> ir.Expr:
         method: Callable = getattr(self, "_" + type(e).__name__.lower())
-        return method(e, scope)
+        return _fold(method(e, scope))
 
     def _num(self, e: S.Num, scope) -> ir.Expr:
         dtype = "i64" if isinstance(e.value, int) else "f32"
@@ -431,6 +435,10 @@ class _OpChecker:
             return ir.Binary(op, a, b, Type("bool", shape, weak), e.loc)
         if op == "/" and not ir.is_float(dtype):
             dtype = "f32"
+        if (op == "**" and not ir.is_float(dtype) and isinstance(b, ir.Const)
+                and not isinstance(b.value, bool) and b.value < 0):
+            raise PsmError("an integer to a negative power is not an integer", e.loc,
+                           "make the base a float, e.g. f32(x) ** -1 or 1.0 / x")
         return ir.Binary(op, a, b, Type(dtype, shape, weak), e.loc)
 
     def _matmul(self, a: ir.Expr, b: ir.Expr, loc: Loc) -> ir.Expr:
@@ -629,6 +637,42 @@ class _OpChecker:
                                f"got {a.type.dtype}", getattr(e.args[i - 1], "loc", e.loc),
                                f"convert it: {want.dtype}(...)")
         return ir.ExternCall(ext.name, tuple(args), ext.result, e.loc)
+
+
+def _fold(e: ir.Expr) -> ir.Expr:
+    """Replace an operation on constants by its value (torch's rules: 1 / 0 is inf).
+
+    Dims arithmetic then works wherever a constant is needed (`x[K - 1]`), and generated code
+    never applies a torch function to a bare Python number.
+    """
+    if isinstance(e, (ir.Const, ir.FieldRef, ir.LocalRef, ir.ExternCall)) or e.type.shape:
+        return e
+    kids = ir.children(e)
+    if not kids or not all(isinstance(k, ir.Const) for k in kids):
+        return e
+    import torch
+
+    from .semantics import Evaluator
+
+    class _OnTensors(Evaluator):
+        def _const(self, c: ir.Const):
+            dtype = {"bool": torch.bool}.get(c.type.dtype, torch.float64 if ir.is_float(c.type.dtype)
+                                             else torch.int64)
+            return torch.tensor(c.value, dtype=dtype)
+
+    try:
+        value = _OnTensors(None, torch.float64, "cpu").eval(e)
+    except RuntimeError as err:
+        raise PsmError(f"this constant expression cannot be evaluated: {str(err).splitlines()[0]}",
+                       e.loc, "rewrite it, e.g. with float literals") from None
+    value = value.item() if isinstance(value, torch.Tensor) else value
+    if ir.is_float(e.type.dtype):
+        value = float(value)
+    elif e.type.dtype == "bool":
+        value = bool(value)
+    else:
+        value = int(value)
+    return ir.Const(value, e.type, e.loc)
 
 
 def _is_none(it) -> bool:

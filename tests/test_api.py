@@ -304,9 +304,9 @@ def test_compile_source_and_file_agree():
     close(a(**x), b(**x))
 
 
-# ---- known psmc bug (see the report) -------------------------------------------------------------
+# ---- regressions -------------------------------------------------------------
 
-def test_bug_state_of_another_op_is_rejected_with_a_call_error():
+def test_state_of_another_op_is_rejected_with_a_call_error():
     """A StreamState of another op with the same semantics (cumsum's state given to linrec) fails
     deep inside the scan with KeyError 's' / a RuntimeError instead of a PsmCallError."""
     lin, cs = get("linrec"), get("cumsum")

@@ -339,12 +339,12 @@ def test_cli_check_bad_files(tmp_path):
     assert r.returncode == 2 and "cannot read" in r.stderr and "Traceback" not in r.stderr
 
 
-# ---- known psmc bugs (see the report) ------------------------------------------------------------
+# ---- regressions ------------------------------------------------------------
 
 @pytest.mark.parametrize("expr", [" + ".join(["s.h"] * 3000), "-" * 3000 + "s.h",
                                   "where(" + "not " * 3000 + "true, 1, 2)"],
                          ids=["3000-term sum", "3000 unary minus", "3000 nots"])
-def test_bug_deeply_nested_expression_gives_a_psm_error_not_recursion_error(expr):
+def test_deeply_nested_expression_gives_a_psm_error_not_recursion_error(expr):
     """A long sum (500 terms is enough) overflows the recursive parse-tree transformer and the
     checker: RecursionError, a Python traceback from `psmc check`. It must compile or be a PsmError."""
     try:
@@ -353,7 +353,7 @@ def test_bug_deeply_nested_expression_gives_a_psm_error_not_recursion_error(expr
         err.render()
 
 
-def test_bug_int_identity_out_of_range_is_a_compile_error():
+def test_int_identity_out_of_range_is_a_compile_error():
     """99999999999 does not fit an i32: accepted by the checker, then a RuntimeError (overflow) at
     the first call instead of a located PsmError."""
     with pytest.raises(PsmError) as info:

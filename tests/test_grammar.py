@@ -575,11 +575,11 @@ def test_runtime_dtypes_follow_the_ir():
         assert torch.equal(ys[2], x["j"] + x["i"])
 
 
-# ---- known psmc bug (see the report): arithmetic on dims in an index ------------------------------
+# ---- regressions: arithmetic on dims in an index ------------------------------
 
 @pytest.mark.parametrize("expr, shape", [("x.q[K - 1]", ()), ("x.M[:, V - 1]", (4,)),
                                          ("x.q[1:K - 1]", (2,)), ("sum(x.M, axis=2 - 1)", (4,))])
-def test_bug_index_with_dim_arithmetic_is_a_static_index(expr, shape):
+def test_index_with_dim_arithmetic_is_a_static_index(expr, shape):
     """The checker's own hint ("use a literal or a dim, e.g. x[0] or x[K - 1]") suggests this, but
     `K - 1` is a Binary of two constants, not folded, so `_static_int` rejects it."""
     assert ty(expr) == ir.Type("f32", shape)
