@@ -173,26 +173,32 @@ def part_sweep(args, copy_gbs):
 
 
 def part_curve(args, copy_gbs):
-    """Achieved bandwidth against T for linrec at (8, 1536, T): psmc and accelerated-scan."""
-    B, C = 8, 1536
+    """Achieved bandwidth against T for linrec, 50M tokens per call ((8, 1536 * 4096 / T, T)):
+    every call moves 604 MB, so timings measure the kernels, not the launch or the cache."""
     op = example("linrec")
     run = launcher(op)
     try:
         from accelerated_scan.scalar import scan as acc_scan
     except Exception:  # noqa: BLE001
         acc_scan = None
-    for T in [64, 256, 1024, 4096, 16384]:
-        bytes_set = 3 * B * C * T * 4
-        nxt = rotating(lambda: linrec_inputs(B, C, T), bytes_set)
-        for impl in ["psmc"] + (["accelerated-scan"] if acc_scan is not None else []):
-            def call(impl=impl):
-                a, b = nxt()
-                return run({"a": a, "b": b}) if impl == "psmc" else acc_scan(a, b)
-            ms = median_ms(call, rep=100)
-            gbs = bytes_set / ms / 1e6
+    for T in [64, 256, 1024, 4096, 16384, 65536]:
+        B, C = 8, 1536 * 4096 // T
+        a, b = linrec_inputs(B, C, T)
+        moved = 3 * a.numel() * 4
+        impls = {"psmc": lambda: run({"a": a, "b": b})}
+        if acc_scan is not None:
+            impls["accelerated-scan"] = lambda: acc_scan(a, b)
+        for impl, fn in impls.items():
+            try:
+                ms = median_ms(fn, rep=100)
+            except Exception as e:  # noqa: BLE001
+                log(f"  curve T={T} {impl} failed: {e!r}"[:200])
+                continue
+            gbs = moved / ms / 1e6
             RESULTS["curve"].append({"T": T, "impl": impl, "ms": ms, "GB/s": gbs})
             log(f"  curve T={T:6d} {impl:18s} {ms:.4f} ms {gbs:7.0f} GB/s")
         RESULTS["curve"].append({"T": T, "impl": "copy", "GB/s": copy_gbs})
+        del a, b
 
 
 def part_backward(args, copy_gbs):
@@ -218,6 +224,7 @@ def part_backward(args, copy_gbs):
 
         def acc_fb():
             acc_scan(a, b).backward(g)
+        a.grad = b.grad = None
         acc_fb()
         log(f"grads vs accelerated-scan: a {rel_err(ga, a.grad):.2e}, b {rel_err(gb, b.grad):.2e}")
         a.grad = b.grad = None
@@ -256,6 +263,51 @@ def part_backward(args, copy_gbs):
             log("torch associative_scan backward failed:", repr(e)[:400])
 
 
+def part_diagnose(args, copy_gbs):
+    """linrec backward pieces timed alone, and a profile of one forward + backward."""
+    B, C, T = 8, 1536, 4096
+    op = example("linrec")
+    mod = triton_backend.module(op.ir, interpret=False)
+    a, b = linrec_inputs(B, C, T)
+    g = torch.randn_like(a)
+    x = {"a": a, "b": b}
+    try:
+        from accelerated_scan.scalar import scan as acc_scan
+        aa, bb = a.clone().requires_grad_(), b.clone().requires_grad_()
+        acc_scan(aa, bb).backward(g)
+        ref = {"a": aa.grad, "b": bb.grad}
+    except Exception:  # noqa: BLE001
+        ref = None
+    n = a.numel() * 4
+    for cfg in [(1, 2048, 8), (1, 4096, 8), (1, 1024, 4)]:
+        _, _, saved = mod.linrec_scan(x, want_ckpt=True, config=cfg)
+        ms = median_ms(lambda: mod.linrec_scan(x, want_ckpt=True, config=cfg))
+        log(f"  forward+ckpt {cfg}: {ms:.4f} ms ({3 * n / ms / 1e6:.0f} GB/s)")
+        for w in sorted({2, 4, 8, 16}):
+            sv = (saved[0], (cfg[0], cfg[1], w))
+            try:
+                gx = mod.linrec_backward(x, {"y": g}, sv)
+                err = max(rel_err(gx[k], ref[k]) for k in gx) if ref else float("nan")
+                ms = median_ms(lambda: mod.linrec_backward(x, {"y": g}, sv))
+                log(f"  backward {cfg[:2]} warps>={w}: {ms:.4f} ms ({5 * n / ms / 1e6:.0f} GB/s) err {err:.1e}")
+                RESULTS["sweep"].append({"op": "linrec backward", "config": [cfg[0], cfg[1], w], "ms": ms})
+            except Exception as e:  # noqa: BLE001
+                log(f"  backward {cfg} {w} failed: {e!r}"[:300])
+    aa, bb = a.clone().requires_grad_(), b.clone().requires_grad_()
+
+    def fb():
+        op(a=aa, b=bb).backward(g)
+    fb()
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            aa.grad = bb.grad = None
+            fb()
+        torch.cuda.synchronize()
+    log(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
 EXAMPLE_SHAPES = {
     # name: (dims, batch, T)
     "cumsum": ({}, (8, 1536), 4096),
@@ -289,7 +341,7 @@ def part_examples(args, copy_gbs):
             op = example(name, **dims)
             run = launcher(op)
             x = draw(op, batch + (T,))
-            outs, _ = run(x, out_dtype=torch.float32)
+            outs, _, _ = run(x, out_dtype=torch.float32)
             moved = nbytes(*x.values(), *outs)
             small = {k: (v[:2, :300].double() if v.is_floating_point() else v[:2, :300])
                      for k, v in x.items()}
@@ -378,7 +430,7 @@ def plot(out: Path):
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("T (sequence length), batch (8, 1536), fp32")
+    ax.set_xlabel("T (sequence length); 8 x 1536 x 4096 tokens per call, fp32")
     ax.set_ylabel("achieved bandwidth, GB/s")
     ax.set_title(f"linrec forward on {torch.cuda.get_device_name()}")
     ax.grid(True, alpha=0.3)

@@ -152,8 +152,8 @@ def kernel_signatures(op: ir.Op, input_dtype: str = "f32") -> list[tuple[str, di
         block_l = min(32, 1 << max(0, (sop.lane.size - 1).bit_length()))
         return [(f"{op.name}_recurrent_kernel", types,
                  {"HAS_INIT": True, "STORE_FINAL": True, "ACC": "fp32", "BLOCK_L": block_l, "STAGES": 2})]
-    tile = 1 << (8192 // max(1, spec["scalars"])).bit_length() - 1
-    block_t = max(128, min(2048, tile))
+    tile = 1 << (16384 // max(1, spec["scalars"])).bit_length() - 1
+    block_t = max(128, min(4096, tile))
     out = [(f"{op.name}_scan_kernel", types, {"HAS_INIT": True, "STORE_FINAL": True, "STORE_CKPT": True,
                                               "ACC": "fp32", "BLOCK_L": 1, "BLOCK_T": block_t})]
     adj, adjf, _ = backward_plan(sop)
