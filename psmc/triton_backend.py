@@ -115,7 +115,10 @@ class _ScanFunction(torch.autograd.Function):
         ckpt, config = saved if saved is not None else ({}, None)
         ctx.call, ctx.config = call, config
         ctx.ckpt_names = list(ckpt)
-        ctx.save_for_backward(*tensors[:n], *ckpt.values())
+        saved_outs = (call.spec["backward"] or {}).get("saved") or []
+        ctx.out_names = saved_outs
+        by_name = {f["name"]: o for f, o in zip(call.outputs, outs)}
+        ctx.save_for_backward(*tensors[:n], *ckpt.values(), *(by_name[k] for k in saved_outs))
         finals = tuple(final[k] for k in call.state) if call.want_final else ()
         nondiff = [o for o, f in zip(outs, call.outputs) if f["dtype"] not in ("f16", "bf16", "f32", "f64")]
         if call.want_final:
@@ -133,7 +136,9 @@ class _ScanFunction(torch.autograd.Function):
         n = len(call.names)
         saved = ctx.saved_tensors
         raw = dict(zip(call.names, saved[:n]))
-        ckpt = dict(zip(ctx.ckpt_names, saved[n:]))
+        n_ck = len(ctx.ckpt_names)
+        ckpt = dict(zip(ctx.ckpt_names, saved[n:n + n_ck]))
+        outputs = dict(zip(ctx.out_names, saved[n + n_ck:])) if ctx.out_names else None
         n_out = len(call.outputs)
         gy = {f["name"]: g for f, g in zip(call.outputs, grads[:n_out])}
         gfinal = None
@@ -141,7 +146,7 @@ class _ScanFunction(torch.autograd.Function):
             gfinal = dict(zip(call.state, grads[n_out:]))
         with _quiet(call.interpret):
             gx = getattr(call.mod, f"{call.name}_backward")(raw, gy, (ckpt, ctx.config), gfinal,
-                                                             acc_dtype=call.acc)
+                                                             acc_dtype=call.acc, outputs=outputs)
         out = []
         for name, t in raw.items():
             g = gx.get(name)

@@ -36,7 +36,7 @@ from . import scalarize as S
 
 
 def _sym(prefix: str, slot: S.Slot) -> sp.Symbol:
-    return sp.Symbol(f"{prefix}_{slot.name}")
+    return S.sym(f"{prefix}_{slot.name}")
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class Adjoint:
         self.Jl = [[_d(c, sj.symbol("l")).xreplace(lsub) for sj in slots] for c in comb]
         self.Jr = [[_d(c, sk.symbol("r")).xreplace(rsub) for sk in slots] for c in comb]
         outs = sop.output.assigns
-        self.gy = [sp.Symbol(f"gy_{a.name}") for a in outs]
+        self.gy = [S.sym(f"gy_{a.name}") for a in outs]
         float_out = [ir.is_float(a.dtype) for a in outs]
         self.Os = [[_d(o.expr, sj.symbol("s")) if fo else sp.S.Zero for sj in slots]
                    for o, fo in zip(outs, float_out)]
@@ -140,7 +140,7 @@ class Adjoint:
         ge_k appear as symbols `ge_*`, computed first (see element_grads)."""
         out = {}
         for m, xm in enumerate(self.float_inputs):
-            terms = [self.Lx[k][m] * sp.Symbol(f"ge_{sk.name}") for k, sk in enumerate(self.slots)]
+            terms = [self.Lx[k][m] * S.sym(f"ge_{sk.name}") for k, sk in enumerate(self.slots)]
             terms += [self.Ox[o][m] * self.gy[o] for o in range(len(self.gy))]
             out[xm.name] = sp.Add(*terms)
         return out

@@ -65,6 +65,12 @@ CASTABLE_INT = ("i32", "i64")
 
 # ---- naming ---------------------------------------------------------------------------------
 
+def sym(name: str) -> sp.Symbol:
+    """A scalar variable: extended real (it may be ±inf, as identities are, but never complex),
+    so derivatives of abs or max stay real and `x == -inf` stays a condition."""
+    return sp.Symbol(name, extended_real=True)
+
+
 def scalar_name(role: str, field: str, index: tuple[int, ...]) -> str:
     """`l_A_0_1` for l.A[0, 1]; `x_a` for the scalar input x.a."""
     return "_".join([role, field] + [str(i) for i in index])
@@ -245,6 +251,35 @@ def _cast(x, src: str, dst: str):
     return x  # int <-> int, int -> float, float -> float: the kernel's typed stores do the rest
 
 
+def one_exp_per_max(expr):
+    """exp(P - max(P, Q)) → where(P >= Q, 1, exp(-|P - Q|)), and likewise for Q.
+
+    The max-stabilized forms of online softmax, logsumexp and mLSTM compute exp(l - max) and
+    exp(r - max), one of which is always exactly 1; written this way both share one exp(-|P - Q|)
+    (the printer names it once), which halves the special-function work of such combines. Equal
+    to the original wherever that is a number.
+    """
+    if not isinstance(expr, sp.Basic) or not expr.has(sp.Max):
+        return expr
+
+    def rewrite(e):
+        if not isinstance(e, sp.exp):
+            return None
+        arg = e.args[0]
+        for m in arg.atoms(sp.Max):
+            if len(m.args) != 2:
+                continue
+            rest = sp.expand(arg + m)
+            P, Q = m.args
+            if sp.expand(rest - P) == 0:
+                return sp.Piecewise((sp.Integer(1), sp.Ge(P, Q)), (sp.exp(-sp.Abs(P - Q)), True))
+            if sp.expand(rest - Q) == 0:
+                return sp.Piecewise((sp.Integer(1), sp.Ge(Q, P)), (sp.exp(-sp.Abs(P - Q)), True))
+        return None
+
+    return expr.replace(lambda e: rewrite(e) is not None, rewrite)
+
+
 # ---- scalar programs ------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -283,7 +318,7 @@ class Slot:
         return "_".join([self.field] + [str(i) for i in self.index])
 
     def symbol(self, role: str) -> sp.Symbol:
-        return sp.Symbol(f"{role}_{self.name}")
+        return sym(f"{role}_{self.name}")
 
 
 @dataclass(frozen=True)
@@ -377,8 +412,8 @@ class ScalarOp:
             shape1 = tuple(1 if a == f.lane_axis else n for a, n in enumerate(f.shape))
             v = np.broadcast_to(v, shape1)
             for s in self.slots(f):
-                out.append(ScalarAssign(f.name, s.index, _as_number(v[s.full_index]), f.dtype,
-                                        st.loc.line))
+                expr = one_exp_per_max(_as_number(v[s.full_index]))
+                out.append(ScalarAssign(f.name, s.index, expr, f.dtype, st.loc.line))
         order = {(s.field, s.index): i for i, s in enumerate(s for f in targets for s in self.slots(f))}
         out.sort(key=lambda a: order[(a.field, a.index)])
         return ScalarFunction(fn.kind, fn.loc.line, tuple(out))

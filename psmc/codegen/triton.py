@@ -8,6 +8,7 @@ own, which is what triton_backend caches and imports.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 from .. import ir
 from . import scalarize as S
@@ -54,6 +55,7 @@ def unsupported(op: ir.Op) -> str | None:
     return None
 
 
+@lru_cache(maxsize=256)
 def backward_plan(sop: S.ScalarOp) -> tuple[adjoint.Adjoint | None, adjoint.Adjoint | None, str | None]:
     """(adjoint, adjoint with final-state gradients, why not) for strategy scan."""
     if not any(ir.is_float(f.dtype) for f in sop.inputs):
@@ -78,13 +80,18 @@ def sections(op: ir.Op, force: str | None = None) -> dict[str, str]:
     if strat == "scan":
         spec = dict(triton_scan.spec(sop), strategy="scan")
         adj, adjf, why = backward_plan(sop)
-        spec["backward"] = None if adj is None else dict(triton_adjoint.spec(sop), final=adjf is not None)
+        saved = triton_adjoint.saved_states(sop, adj) if adj is not None else None
+        spec["backward"] = None if adj is None else dict(
+            triton_adjoint.spec(sop), final=adjf is not None,
+            saved=None if saved is None else list(dict.fromkeys(f.name for f, _ in saved.values())))
         out["forward"] = _join(triton_scan.generate(op, sop),
                                render("triton_launch_scan.j2", name=name, path=sop.path,
                                       spec_name=spec_name, spec=literal(spec)))
         if adj is not None:
             same = adjf is not None and adjf.live == adj.live and adjf.pattern == adj.pattern
             kernels = [triton_adjoint.generate(op, sop, adj)]
+            if saved is not None:
+                kernels.append(triton_adjoint.generate(op, sop, adj, "_saved", saved))
             if adjf is not None and not same:
                 kernels.append(triton_adjoint.generate(op, sop, adjf, "_final"))
             summary = (f"a reverse scan over {len(adj.live)} live adjoint(s) "
@@ -94,7 +101,8 @@ def sections(op: ir.Op, force: str | None = None) -> dict[str, str]:
             final = None if adjf is None else (kernel if same else f"{name}_backward_final_kernel")
             out["backward"] = _join(*kernels, render(
                 "triton_launch_backward.j2", name=name, path=sop.path, spec_name=spec_name,
-                summary=summary, kernel=kernel, final_kernel=final))
+                summary=summary, kernel=kernel, final_kernel=final,
+                saved_kernel=None if saved is None else f"{name}_backward_saved_kernel"))
     else:
         spec = dict(triton_recurrent.spec(sop), strategy="recurrent")
         out["forward"] = _join(triton_recurrent.generate(op, sop),

@@ -54,7 +54,7 @@ def _lift_lines(sop: S.ScalarOp, x_prefix: str, out_prefix: str, tmp: str, cond:
     """lift applied to the inputs named `{x_prefix}_*`, as `{out_prefix}_*` tiles.
 
     With `cond`, positions where it fails hold the identity."""
-    subs = {s.symbol("x"): sp.Symbol(f"{x_prefix}_{s.name}") for s in sop.input_slots}
+    subs = {s.symbol("x"): S.sym(f"{x_prefix}_{s.name}") for s in sop.input_slots}
     targets = [(f"{out_prefix}_{a.name}", a.expr.xreplace(subs)) for a in sop.lift.assigns
                if needed is None or a.name in needed]
     slots = {s.name: s for s in sop.state_slots}
@@ -78,8 +78,8 @@ def _adjoint_combine(adj: Adjoint) -> tuple[str, list[str], str]:
     vname = {a: f"v_{live[a].name}" for a in range(len(live))}
     names = [mname[k] for k in P] + [vname[a] for a in range(len(live))]
     params = ", ".join([f"l_{n}" for n in names] + [f"r_{n}" for n in names])
-    L = {n: sp.Symbol(f"l_{n}") for n in names}
-    R = {n: sp.Symbol(f"r_{n}") for n in names}
+    L = {n: S.sym(f"l_{n}") for n in names}
+    R = {n: S.sym(f"r_{n}") for n in names}
     targets = []
     for a, b in P:  # M = r.M @ l.M (r: the earlier token, applied last)
         terms = [R[mname[(a, c)]] * L[mname[(c, b)]] for c in range(len(live))
@@ -101,8 +101,34 @@ def spec(sop: S.ScalarOp) -> dict:
     }
 
 
-def generate(op: ir.Op, sop: S.ScalarOp, adj: Adjoint, suffix: str = "") -> str:
-    """The backward kernel `{op}_backward{suffix}_kernel` for one derived adjoint."""
+def saved_states(sop: S.ScalarOp, adj: Adjoint) -> dict[str, tuple[S.FieldInfo, S.Slot]] | None:
+    """The outputs that *are* the states the backward reads (y = s.h), by state slot, or None.
+
+    When every state the Jacobians need (s_{t-1} and s_t) was written by the forward as an output
+    in full precision, the backward reads those instead of recomputing them: no forward scan and
+    no loads of the previous token. For linrec this is h, and the backward reads a, y and gy and
+    writes ga and gb, like a hand-written one.
+    """
+    needed = adj.needs("p") | adj.needs("s")
+    found: dict[str, tuple[S.FieldInfo, S.Slot]] = {}
+    for f in sop.outputs:
+        if not ir.is_float(f.dtype):
+            continue
+        slots = sop.slots(f)
+        for a in sop.output.assigns:
+            if a.field != f.name or not isinstance(a.expr, sp.Symbol) or not a.expr.name.startswith("s_"):
+                continue
+            slot = next(s for s in slots if s.index == a.index)
+            found.setdefault(a.expr.name[2:], (f, slot))
+    if not needed <= set(found):
+        return None
+    return {k: found[k] for k in sorted(needed)}
+
+
+def generate(op: ir.Op, sop: S.ScalarOp, adj: Adjoint, suffix: str = "",
+             saved: dict[str, tuple[S.FieldInfo, S.Slot]] | None = None) -> str:
+    """The backward kernel `{op}_backward{suffix}_kernel` for one derived adjoint; with `saved`
+    (see saved_states) the states come from the forward's outputs instead of a recomputation."""
     name = op.name
     slots = sop.state_slots
     live = adj.live
@@ -116,22 +142,32 @@ def generate(op: ir.Op, sop: S.ScalarOp, adj: Adjoint, suffix: str = "") -> str:
     arg_groups += [tensor_args(f"gx_{f.name}", f, True) for f in float_inputs]
     arg_groups += [tensor_args(f"ckpt_{f.name}", f, True) for f in sop.state]
     arg_groups += [tensor_args(f"gfinal_{f.name}", f, False) for f in sop.state]
+    saved_fields = [] if saved is None else list(dict.fromkeys(f.name for f, _ in saved.values()))
+    out_info = {f.name: f for f in sop.outputs}
+    arg_groups += [tensor_args(f"sy_{n}", out_info[n], True) for n in saved_fields]
 
     def base(prefix: str) -> str:
         return (f"{prefix}_base = {prefix}_ptr + o0 * {prefix}_so0 + o1 * {prefix}_so1 "
                 f"+ lanes64[:, None] * {prefix}_sl")
 
     timed = [f"in_{f.name}" for f in sop.inputs] + [f"gy_{f.name}" for f in float_outputs] \
-        + [f"gx_{f.name}" for f in float_inputs] + [f"ckpt_{f.name}" for f in sop.state]
+        + [f"gx_{f.name}" for f in float_inputs] + [f"ckpt_{f.name}" for f in sop.state] \
+        + [f"sy_{n}" for n in saved_fields]
     bases = [base(p) for p in timed]
     time_offsets = [f"{p}_t = {p}_base + t[None, :] * {p}_st" for p in timed if not p.startswith("ckpt")]
 
     # which input scalars are read where
-    lift_inputs = {s.name[2:] for a in sop.lift.assigns for s in a.expr.free_symbols}
     next_needed = adj.needs("n")
     next_inputs = {s.name[2:] for a in sop.lift.assigns if a.name in next_needed
                    for s in a.expr.free_symbols}
-    now_inputs = lift_inputs | adj.needs("x")
+    if saved is None:  # the recomputation lifts every token t - 1 and t
+        lift_inputs = {s.name[2:] for a in sop.lift.assigns for s in a.expr.free_symbols}
+        now_needed = {a.name for a in sop.lift.assigns}
+    else:
+        lift_inputs = set()
+        now_needed = adj.needs("e")
+    now_inputs = adj.needs("x") | {s.name[2:] for a in sop.lift.assigns if a.name in now_needed
+                                   for s in a.expr.free_symbols}
     loads = []
     for f in sop.inputs:
         cast = ".to(ACC)" if ir.is_float(f.dtype) and f.dtype != "f64" else ""
@@ -149,16 +185,41 @@ def generate(op: ir.Op, sop: S.ScalarOp, adj: Adjoint, suffix: str = "") -> str:
             ptr = _plus(f"gy_{f.name}_t", _field_offset(f"gy_{f.name}", f, s))
             loads.append(f"gy_{s.name} = tl.load({ptr}, mask=mask, other=0).to(ACC)")
 
-    ckpt_loads = []
+    state_lines = []
+    ck_slots = sop.state_slots if saved is None else [s for s in sop.state_slots if s.name in adj.needs("p")]
     for f in sop.state:
         for s in sop.slots(f):
+            if s not in ck_slots:
+                continue
             ptr = _plus(f"ckpt_{f.name}_base + blk * ckpt_{f.name}_st", _field_offset(f"ckpt_{f.name}", f, s))
-            ckpt_loads.append(f"ck_{s.name} = tl.load({ptr}, mask=lane_ok[:, None], "
-                              f"other={_literal(sop.identity_value(s))})")
-
-    recompute = _lift_lines(sop, "xp", "p", "u", "prev_ok")
-    recompute += _lift_lines(sop, "x", "e", "w", "mask")
-    recompute += _lift_lines(sop, "xn", "n", "q", None, next_needed)
+            state_lines.append(f"ck_{s.name} = tl.load({ptr}, mask=lane_ok[:, None], "
+                               f"other={_literal(sop.identity_value(s))})")
+    if saved is None:
+        states_comment = (f"{sop.where('lift')} and {sop.where('combine')}: states s_{{t-1}} (p_) and "
+                          f"s_t (s_) of this block,\n        # recomputed from the checkpoint taken before it")
+        state_lines += _lift_lines(sop, "xp", "p", "u", "prev_ok")
+        state_lines += _lift_lines(sop, "x", "e", "w", "mask")
+        state_lines += _lift_lines(sop, "xn", "n", "q", None, next_needed)
+        prev_tuple = _tuple([f"p_{s.name}" for s in slots])
+        prev_list = ", ".join(f"p_{s.name}" for s in slots)
+        state_lines += [
+            f"{prev_tuple} = tl.associative_scan(({prev_tuple}), 1, {name}_combine)",
+            f"{prev_tuple} = {name}_combine({', '.join(f'ck_{s.name}' for s in slots)}, {prev_list})",
+            f"{_tuple([f's_{s.name}' for s in slots])} = {name}_combine({prev_list}, "
+            f"{', '.join(f'e_{s.name}' for s in slots)})",
+        ]
+    else:
+        states_comment = ("states s_{t-1} (p_) and s_t (s_): the forward wrote them as outputs "
+                          f"({sop.where('output')})")
+        for k, (f, oslot) in saved.items():
+            here = _plus(f"sy_{f.name}_t", _field_offset(f"sy_{f.name}", f, oslot))
+            if k in adj.needs("p"):
+                state_lines.append(f"p_{k} = tl.where((t == 0)[None, :], ck_{k}, tl.load({here} - sy_{f.name}_st, "
+                                   f"mask=mask & (t > 0)[None, :], other=0).to(ACC))")
+            if k in adj.needs("s"):
+                state_lines.append(f"s_{k} = tl.load({here}, mask=mask, other=0).to(ACC)")
+        state_lines += _lift_lines(sop, "x", "e", "w", "mask", now_needed)
+        state_lines += _lift_lines(sop, "xn", "n", "q", None, next_needed)
 
     # adjoint elements
     mname = {(a, b): f"M_{live[a].name}__{live[b].name}" for a, b in P}
@@ -188,7 +249,7 @@ def generate(op: ir.Op, sop: S.ScalarOp, adj: Adjoint, suffix: str = "") -> str:
                          f"keep_dims=True)")
 
     ge = [(f"ge_{k}", v) for k, v in adj.element_grads.items()
-          if any(sp.Symbol(f"ge_{k}") in g.free_symbols for g in adj.input_grads.values())]
+          if any(S.sym(f"ge_{k}") in g.free_symbols for g in adj.input_grads.values())]
     gx = [(f"gx_{k}", v) for k, v in adj.input_grads.items()]
     grad_lines, outs = _statements(ge + gx, "g")
     for n, v, const in outs:
@@ -228,13 +289,8 @@ def generate(op: ir.Op, sop: S.ScalarOp, adj: Adjoint, suffix: str = "") -> str:
         lift_where=sop.where("lift"),
         combine_where=sop.where("combine"),
         output_where=sop.where("output"),
-        ckpt_loads=ckpt_loads,
-        recompute=recompute,
-        prev_tuple=_tuple([f"p_{s.name}" for s in slots]),
-        prev_list=", ".join(f"p_{s.name}" for s in slots),
-        ckpt_list=", ".join(f"ck_{s.name}" for s in slots),
-        state_tuple=_tuple([f"s_{s.name}" for s in slots]),
-        elem_list=", ".join(f"e_{s.name}" for s in slots),
+        states_comment=states_comment,
+        state_lines=state_lines,
         adjoint_elements=adjoint_elements,
         adj_tuple=_tuple(adj_names),
         lam_lines=lam_lines,
