@@ -352,7 +352,10 @@ def part_examples(args, copy_gbs):
             log(f"{name}: rel err vs float64 torch path {err:.2e}")
             shape = f"batch {batch}, T {T}" + (f", {dims}" if dims else "")
             ms = median_ms(lambda: run(x, out_dtype=torch.float32))
-            row(name, shape, "psmc launcher [scan]", ms, moved, copy_gbs, {"rel_err": err})
+            mod = triton_backend.module(op.ir, interpret=False)
+            kernel = getattr(mod, f"{name}_scan_kernel")
+            chosen = [p.config for k, p in mod._PSMC_PLANS.items() if k[0] is kernel][-1]
+            row(name, shape, f"psmc launcher [scan] {chosen}", ms, moved, copy_gbs, {"rel_err": err})
         except Exception as e:  # noqa: BLE001
             RESULTS["notes"].append(f"{name} failed: {e!r}")
             log(f"{name} failed: {e!r}"[:500])

@@ -50,7 +50,7 @@ def _statements(targets: list[tuple[str, sp.Expr]], tmp: str) -> tuple[list[str]
 
 
 def _lift_lines(sop: S.ScalarOp, x_prefix: str, out_prefix: str, tmp: str, cond: str | None,
-                needed: set[str] | None = None) -> list[str]:
+                needed: set[str] | None = None, shape: str = "[BLOCK_L, BLOCK_T]") -> list[str]:
     """lift applied to the inputs named `{x_prefix}_*`, as `{out_prefix}_*` tiles.
 
     With `cond`, positions where it fails hold the identity."""
@@ -62,7 +62,7 @@ def _lift_lines(sop: S.ScalarOp, x_prefix: str, out_prefix: str, tmp: str, cond:
     for name, value, const in outs:
         s = slots[name[len(out_prefix) + 1:]]
         dt = state_dtype(s.dtype)
-        value = f"tl.full([BLOCK_L, BLOCK_T], {value}, {dt})" if const else f"({value}).to({dt})"
+        value = f"tl.full({shape}, {value}, {dt})" if const else f"({value}).to({dt})"
         if cond is not None:
             value = f"tl.where({cond}, {value}, {_literal(sop.identity_value(s))})"
         lines.append(f"{name} = {value}")
@@ -202,9 +202,10 @@ def generate(op: ir.Op, sop: S.ScalarOp, adj: Adjoint, suffix: str = "",
         state_lines += _lift_lines(sop, "xn", "n", "q", None, next_needed)
         prev_tuple = _tuple([f"p_{s.name}" for s in slots])
         prev_list = ", ".join(f"p_{s.name}" for s in slots)
+        # the first token's previous element is the identity: the checkpoint takes its place
+        state_lines += [f"p_{s.name} = tl.where(is_first, ck_{s.name}, p_{s.name})" for s in slots]
         state_lines += [
             f"{prev_tuple} = tl.associative_scan(({prev_tuple}), 1, {name}_combine)",
-            f"{prev_tuple} = {name}_combine({', '.join(f'ck_{s.name}' for s in slots)}, {prev_list})",
             f"{_tuple([f's_{s.name}' for s in slots])} = {name}_combine({prev_list}, "
             f"{', '.join(f'e_{s.name}' for s in slots)})",
         ]

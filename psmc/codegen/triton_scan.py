@@ -77,6 +77,10 @@ def spec(sop: S.ScalarOp) -> dict:
         "state": fields(sop.state),
         "identity": {s.name: sop.identity_value(s) for s in sop.state_slots},
         "scalars": len(sop.state_slots) + len(sop.input_slots),
+        # state scalars per lane, with and without the lane axis (a recurrent program holds
+        # BLOCK_L copies of the first kind and one of the second)
+        "state_scalars": [sum(len(sop.slots(f)) for f in sop.state if f.lane_axis is not None),
+                          sum(len(sop.slots(f)) for f in sop.state if f.lane_axis is None)],
     }
 
 
@@ -193,8 +197,27 @@ def generate(op: ir.Op, sop: S.ScalarOp | None = None) -> str:
         ptr = _plus(f"out_{f.name}_t", _field_offset(f"out_{f.name}", f, s))
         stores.append(f"tl.store({ptr}, y_{s.name}.to(out_{f.name}_ptr.dtype.element_ty), mask=mask)")
 
+    # the block's first token, lifted and combined with the carry at [BLOCK_L, 1]: the scan then
+    # yields prefixes that include the carry, with no combine over the whole block
+    from .triton_adjoint import _lift_lines
+
+    first = []
+    lift_inputs = {sym.name[2:] for a in sop.lift.assigns for sym in a.expr.free_symbols}
+    for f in sop.inputs:
+        for s in sop.slots(f):
+            if s.name not in lift_inputs:
+                continue
+            ptr = _plus(f"in_{f.name}_base + start * in_{f.name}_st", _field_offset(f"in_{f.name}", f, s))
+            cast = ".to(ACC)" if ir.is_float(f.dtype) and f.dtype != "f64" else ""
+            first.append(f"xf_{s.name} = tl.load({ptr}, mask=lane_ok[:, None], other=0){cast}")
+    first += _lift_lines(sop, "xf", "f", "z", None, shape="[BLOCK_L, 1]")
+    first.append(f"{_tuple([f'f_{s.name}' for s in slots])} = {name}_combine("
+                 f"{', '.join(f'c_{s.name}' for s in slots)}, {', '.join(f'f_{s.name}' for s in slots)})")
+    first += [f"e_{s.name} = tl.where(is_first, f_{s.name}, e_{s.name})" for s in slots]
+
     return render(
         "triton_scan.j2",
+        first_lines=first,
         name=name,
         combine_params=params,
         combine_where=sop.where("combine"),
