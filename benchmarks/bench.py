@@ -385,8 +385,7 @@ def part_gla(args, copy_gbs):
         log("fla failed:", repr(e)[:400])
         fused_recurrent_gla = chunk_gla = None
     best = None
-    for cfg in [(16, 2, 2), (16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 4, 2), (64, 8, 2), (32, 4, 1),
-                (32, 4, 3), (16, 1, 2), (32, 2, 2), (64, 2, 2), (128, 4, 2), (128, 8, 2)]:
+    for cfg in [(16, 1, 2), (16, 1, 3), (16, 2, 2), (8, 1, 2), (32, 2, 2), (32, 4, 2)]:
         try:
             (o,), _, _ = run(x, out_dtype=dt, config=cfg)
             if ref is not None:
