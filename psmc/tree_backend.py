@@ -70,19 +70,39 @@ def kernels(op_ir, block: int, interpret: bool, lanes: int = 0) -> tuple[tree_co
     per_lane = tree_codegen.lane_config(op_ir, lanes)[1] if lanes else 0
     tk = tree_codegen.generate(op_ir, block, lanes, per_lane)
     ns = {"triton": triton, "tl": tl, "__name__": f"psmc_tree_{op_ir.name}"}
-    old = triton.knobs.runtime.interpret
-    triton.knobs.runtime.interpret = interpret  # read when @triton.jit runs
     # Triton reads a kernel's source through inspect, so the text goes into linecache first.
     digest = hashlib.sha1(tk.source.encode()).hexdigest()[:12]
     filename = f"<psmc-tree-{op_ir.name}-{block}-{lanes}-{digest}>"
     linecache.cache[filename] = (len(tk.source), None, tk.source.splitlines(True), filename)
-    try:
+    with _interpreter(interpret):  # @triton.jit reads the switch when it decorates
         exec(compile(tk.source, filename, "exec"), ns)
-    finally:
-        triton.knobs.runtime.interpret = old
     fns = {kind: ns[tk.kernel(kind)] for kind in tk.kinds}
     _CACHE[key] = (tk, fns)
     return tk, fns
+
+
+@contextlib.contextmanager
+def _interpreter(on: bool) -> Iterator[None]:
+    """TRITON_INTERPRET set to `on` for the block, then everything as it was: the environment
+    variable (which other kernel caches toggle the same way) and any value set on triton.knobs."""
+    import os
+
+    import triton
+
+    rt = triton.knobs.runtime
+    had, old = "interpret" in vars(rt), vars(rt).get("interpret")
+    env = os.environ.get("TRITON_INTERPRET")
+    rt.__dict__.pop("interpret", None)
+    os.environ["TRITON_INTERPRET"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = env
+        if had:
+            rt.__dict__["interpret"] = old
 
 
 class _Tree:

@@ -183,9 +183,11 @@ def _vjp(name: str, params: list[str], assigns: list[tuple[str, sp.Expr]], wrt: 
          tmp: str, where: str) -> dict:
     """`name(params, g_outs) -> d/d(wrt) of sum_i g_i * out_i`, zero entries dropped."""
     gs = [f"g_{n}" for n, _ in assigns]
+    # the scalarizer's own symbols (they may carry assumptions, e.g. extended real): match by name
+    by_name = {x.name: x for _, e in assigns for x in e.free_symbols}
     grads = []
     for w in wrt:
-        sym = sp.Symbol(w)
+        sym = by_name.get(w, sp.Symbol(w))
         total = sp.Integer(0)
         for g, (_, e) in zip(gs, assigns):
             if sym in e.free_symbols:
