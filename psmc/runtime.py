@@ -132,9 +132,12 @@ class PsmOp(torch.nn.Module):
         self._check_bound()
         p = self._prepare(inputs)
         if backend == "triton" or (backend == "auto" and p.device.type == "cuda"):
-            from . import triton_backend  # imported lazily: CPU users never need triton
-
-            result = triton_backend.run(self, p, initial_state, return_state, strict=backend == "triton")
+            # kernels imported lazily: CPU users never need triton
+            if self.associative:
+                from . import triton_backend as kernels  # strategies scan / recurrent
+            else:
+                from . import tree_backend as kernels  # strategy tree (externs: the level path)
+            result = kernels.run(self, p, initial_state, return_state, strict=backend == "triton")
             if result is not None:
                 return result
         if backend == "reference":  # the oracle: interpreter + sequential scan
@@ -159,6 +162,14 @@ class PsmOp(torch.nn.Module):
         """One token: inputs shaped `(*batch, *field_shape)`. Returns (outputs, new state)."""
         self._check_bound()
         p = self._prepare(inputs, per_token=True)
+        if p.device.type == "cuda" and self.associative and isinstance(state, StreamState):
+            from . import triton_backend  # the forward kernel at T = 1: one small fused launch
+
+            standalone.check_state(self.spec, state, p.batch_shape)
+            result = triton_backend.step(self, state, p, strict=False)
+            if result is not None:
+                result[1].op = state.op
+                return result
         return standalone.step(self.spec, self.functions(p.float_dtype, p.device), state, inputs)
 
     def module_source(self) -> str:
