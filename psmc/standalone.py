@@ -356,11 +356,12 @@ def init_state(spec: Spec, fns: Functions, batch_shape, device=None, dtype=None)
     float_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     e = fns.identity(batch_shape, float_dtype, torch.device(device or "cpu"))
     if spec.associative:
-        return StreamState(batch_shape, _owner(spec), prefix=e)
-    return StreamState(batch_shape, _owner(spec), counter=Counter(identity=e))
+        return StreamState(batch_shape, owner(spec), prefix=e)
+    return StreamState(batch_shape, owner(spec), counter=Counter(identity=e))
 
 
-def _owner(spec: Spec) -> str:
+def owner(spec: Spec) -> str:
+    """Which op a stream belongs to: its name and state fields."""
     return f"{spec.name}({', '.join(f.name for f in spec.state)})"
 
 
@@ -437,7 +438,7 @@ def run(spec: Spec, fns: Functions, p: Prepared, initial: Optional[StreamState],
         incl = _cat(incl, combine(before, _take(elements, nb, slice(n_full, n_full + 1))), nb)
         final.pending = {k: v.narrow(nb, n_full * C, rest) for k, v in inputs.items()}
     final.tokens = initial.tokens + p.T
-    final.op = _owner(spec)
+    final.op = owner(spec)
     outs = fns.output(excl if spec.exclusive else incl, tokens, elem_batch)
     results = []
     for f in spec.outputs:
@@ -474,9 +475,9 @@ def check_state(spec: Spec, st: StreamState, batch: Tuple[int, ...]) -> None:
                            f"return_state=True, got {type(st).__name__}")
     if (st.prefix is not None) != spec.associative:
         raise PsmCallError(f"{spec.name}: this state belongs to an op with other semantics")
-    if st.op and st.op != _owner(spec):
+    if st.op != owner(spec):
         raise PsmCallError(f"{spec.name}: this state belongs to {st.op or 'another op'}, not "
-                           f"{_owner(spec)}")
+                           f"{owner(spec)}")
     try:
         torch.broadcast_shapes(st.batch_shape, batch)
     except RuntimeError:

@@ -35,7 +35,7 @@ import torch
 from . import standalone
 from .codegen import tree as tree_codegen
 from .errors import PsmCallError
-from .standalone import Counter, Prepared, StreamState
+from .standalone import Counter, Prepared, StreamState, owner
 
 _BLOCK = {"cuda": 64, "cpu": 64}  # split/join family (gradients, stream state)
 _LANES = {"cuda": 128, "cpu": 16}  # lanes family (forward only): threads a block
@@ -364,7 +364,7 @@ def _run_stateful(op, tree: _Tree, p: Prepared, initial: StreamState | None, ret
             ys = ys if isinstance(ys, tuple) else (ys,)
         pieces.append(ys)
     if not pieces:
-        state = StreamState(batch, tokens=initial.tokens, counter=_fit(initial.counter, batch, initial.batch_shape))
+        state = StreamState(batch, owner(op.spec), tokens=initial.tokens, counter=_fit(initial.counter, batch, initial.batch_shape))
         ys = tuple(torch.empty(batch + (0,) + f.type.shape, dtype=p.out_dtype or p.float_dtype,
                                device=p.device) for f in op.ir.outputs)
     else:
@@ -426,4 +426,4 @@ def _aligned(op, tree: _Tree, fns, p: Prepared, state: StreamState):
     ys = tuple(y.reshape(batch + (n,) + f.type.shape) for y, f in zip(ys, op.ir.outputs))
     ys = tuple(y.to(p.out_dtype) if f.type.dtype in ("f16", "bf16", "f32") and p.out_dtype is not None
                else y for y, f in zip(ys, op.ir.outputs))
-    return ys, StreamState(batch, tokens=state.tokens + n, counter=_shift(after, -LOG))
+    return ys, StreamState(batch, owner(op.spec), tokens=state.tokens + n, counter=_shift(after, -LOG))

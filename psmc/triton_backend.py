@@ -15,6 +15,7 @@ import torch
 
 from . import __version__, cache, ir
 from .errors import PsmCallError
+from .standalone import owner
 from .codegen import scalarize as S
 from .codegen import triton as triton_codegen
 
@@ -187,7 +188,7 @@ def run(psm, p, initial, return_state: bool, strict: bool):
     if not return_state:
         return out
     tokens = (initial.tokens if initial is not None else 0) + p.T
-    return out, StreamState(p.batch_shape, tokens=tokens, prefix=final)
+    return out, StreamState(p.batch_shape, owner(psm.spec), tokens=tokens, prefix=final)
 
 
 def backward_why_not(psm, initial) -> str | None:
@@ -226,4 +227,4 @@ def step(psm, state, p, strict: bool = True):
         outs, final = getattr(mod, f"{psm.name}_step")(p.raw, dict(state.prefix), acc_dtype=p.float_dtype,
                                                        out_dtype=p.out_dtype)
     out = outs[0] if len(outs) == 1 else tuple(outs)
-    return out, StreamState(p.batch_shape, tokens=state.tokens + 1, prefix=final)
+    return out, StreamState(p.batch_shape, owner(psm.spec), tokens=state.tokens + 1, prefix=final)
