@@ -3,7 +3,8 @@
 Dynamo cannot trace psmc's runtime (dataclass states, data-dependent Python), so while compiling,
 a plain call `op(**inputs)` goes through `psmc::<op>_<hash>`: an opaque custom op with a fake
 (shape-only) implementation for tracing and an autograd formula. The backward recomputes the
-forward under `torch.func.vjp` on the same eager path, so gradients equal eager autograd's.
+forward on the same eager path under autograd, so gradients equal eager autograd's (on CUDA that
+includes the derived Triton backward).
 Calls with `return_state` / `initial_state` carry Python state objects and stay eager.
 """
 
@@ -75,21 +76,16 @@ def custom_op_for(op) -> Callable:
 
     def backward(ctx, grads):
         xs = list(ctx.saved_tensors)
-        float_idx = [i for i, x in enumerate(xs) if x.is_floating_point()]
-
-        def f(*floats):
-            full = list(xs)
-            for i, v in zip(float_idx, floats):
-                full[i] = v
-            return tuple(y for y in eager(full, ctx.backend) if y.is_floating_point())
-
-        with torch.enable_grad():
-            _, vjp = torch.func.vjp(f, *(xs[i] for i in float_idx))
-            float_grads = [g for g, y in zip(grads, op.ir.outputs) if ir.is_float(y.type.dtype)]
-            gs = vjp(tuple(float_grads))
-        out: list[torch.Tensor | None] = [None] * len(xs)
-        for i, g in zip(float_idx, gs):
-            out[i] = g
+        with torch.enable_grad():  # re-run the eager path (Triton autograd Functions included)
+            leaves = [x.detach().requires_grad_(x.is_floating_point()) for x in xs]
+            ys = eager(leaves, ctx.backend)
+            pairs = [(y, g) for y, g in zip(ys, grads)
+                     if y.is_floating_point() and y.requires_grad and g is not None]
+            wrt = [x for x in leaves if x.requires_grad]
+            gs = torch.autograd.grad([y for y, _ in pairs], wrt, [g for _, g in pairs],
+                                     allow_unused=True) if pairs and wrt else [None] * len(wrt)
+        it = iter(gs)
+        out = [next(it) if x.requires_grad else None for x in leaves]
         return out, None
 
     fn.register_autograd(backward, setup_context=setup_context)
