@@ -266,13 +266,31 @@ def _interleave(lefts: State, rights: State, nb: int, count: int) -> State:
 
 @dataclass
 class Prepared:
-    inputs: Dict[str, torch.Tensor]  # (*batch, T, *shape), in compute dtypes
-    raw: Dict[str, torch.Tensor]  # the caller's tensors, validated but not cast or broadcast
+    """Validated inputs. `raw` are the caller's tensors; `inputs` cast them (lazily, so kernel
+    paths that read `raw` never pay for a bf16 -> f32 copy)."""
+
+    raw: Dict[str, torch.Tensor]  # validated but not cast or broadcast
     batch_shape: Tuple[int, ...]
     T: int
     float_dtype: torch.dtype  # f32, or f64 when a float input is f64
     out_dtype: Optional[torch.dtype]  # dtype of float outputs: the inputs' float dtype
     device: torch.device
+    fields: Tuple[FieldSpec, ...] = ()
+    per_token: bool = False
+    cast: Optional[Dict[str, torch.Tensor]] = None  # set to skip the cast (already done)
+
+    @property
+    def inputs(self) -> Dict[str, torch.Tensor]:
+        """(*batch, T, *shape) tensors in the compute dtypes."""
+        if self.cast is None:
+            out = {}
+            for f in self.fields:
+                t = self.raw[f.name]
+                time = () if self.per_token else (t.shape[t.dim() - len(f.shape) - 1],)
+                shape = tuple(self.batch_shape) + time + tuple(f.shape)
+                out[f.name] = torch.broadcast_to(t.to(compute_dtype(f.dtype, self.float_dtype)), shape)
+            self.cast = out
+        return self.cast
 
 
 def _expected(f: FieldSpec, per_token: bool) -> str:
@@ -329,13 +347,8 @@ def prepare(spec: Spec, inputs: Dict[str, torch.Tensor], per_token: bool = False
     out_dtype = None
     for d in float_dtypes:
         out_dtype = d if out_dtype is None else torch.promote_types(out_dtype, d)
-    cast = {}
-    for name, f in declared.items():
-        t = inputs[name]
-        time = () if per_token else (t.shape[t.dim() - len(f.shape) - 1],)
-        cast[name] = torch.broadcast_to(t.to(compute_dtype(f.dtype, float_dtype)), batch + time + f.shape)
     T = lengths[0][1] if lengths else 1
-    return Prepared(cast, dict(inputs), batch, T, float_dtype, out_dtype, devices.pop())
+    return Prepared(dict(inputs), batch, T, float_dtype, out_dtype, devices.pop(), spec.inputs, per_token)
 
 
 # ---- the pipeline: chunk, lift, scan, output -----------------------------------------------------
@@ -462,7 +475,7 @@ def step(spec: Spec, fns: Functions, state: StreamState, inputs: Dict[str, torch
     p = prepare(spec, inputs, per_token=True)
     nb = len(p.batch_shape)
     seq = {k: v.unsqueeze(nb) for k, v in p.inputs.items()}
-    p = Prepared(seq, seq, p.batch_shape, 1, p.float_dtype, p.out_dtype, p.device)
+    p = Prepared(seq, p.batch_shape, 1, p.float_dtype, p.out_dtype, p.device, spec.inputs, cast=seq)
     outs, new = run(spec, fns, p, state, True, mode="reference")
     if isinstance(outs, tuple):
         return tuple(o.squeeze(nb) for o in outs), new

@@ -339,7 +339,7 @@ def _finish(op, p: Prepared, ys, final: StreamState | None, return_state: bool):
 
 def _slice(p: Prepared, start: int, stop: int) -> Prepared:
     nb = len(p.batch_shape)
-    return replace(p, inputs={k: v.narrow(nb, start, stop - start) for k, v in p.inputs.items()},
+    return replace(p, cast={k: v.narrow(nb, start, stop - start) for k, v in p.inputs.items()},
                    T=stop - start)
 
 
