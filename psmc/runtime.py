@@ -173,21 +173,12 @@ class PsmOp(torch.nn.Module):
 
     def module_source(self) -> str:
         """The self-contained module `psmc compile` writes for this op."""
-        return module.module_source(self.ir, self.associative, _triton_section(self.ir, self.associative))
+        return module.module_source(self.ir, self.associative)
 
     def extra_repr(self) -> str:
         dims = ", ".join(f"{k}={v}" for k, v in self.ir.dims)
         kind = "associative" if self.associative else "canonical tree"
         return f"{self.name}[{dims}]: {kind}" if dims else f"{self.name}: {kind}"
-
-
-def _triton_section(op: ir.Op, associative: bool) -> str:
-    """Triton kernels for the generated module, when a kernel generator supports the op."""
-    try:
-        from .codegen import triton_module  # written with the Triton backends
-    except ImportError:
-        return ""
-    return triton_module.generate(op, associative)
 
 
 def _missing(op: PsmOp, name: str):

@@ -41,10 +41,29 @@ def class_name(op: ir.Op) -> str:
     return "".join(part[:1].upper() + part[1:] for part in op.name.split("_") if part) or "Op"
 
 
-def module_source(op: ir.Op, associative: bool, triton_section: str = "") -> str:
+def triton_section(op: ir.Op, associative: bool) -> tuple[str, dict]:
+    """Kernels + launchers for the module, and what the dispatch needs to know; "" when the
+    Triton generators do not cover the op (non-associative ops run the torch path here)."""
+    if not associative:
+        return "", {}
+    from . import scalarize, triton
+
+    if triton.unsupported(op):
+        return "", {}
+    sop = scalarize.scalarize(op)
+    strategy = triton.strategy(op, sop)
+    if strategy == "recurrent" and sop.lane is None:
+        return "", {}
+    has_backward = strategy == "scan" and triton.backward_plan(sop)[2] is None
+    return triton.generate_module_section(op), {
+        "strategy": strategy, "has_backward": has_backward, "spec_name": f"{op.name.upper()}_SPEC"}
+
+
+def module_source(op: ir.Op, associative: bool, with_triton: bool = True) -> str:
     """The whole generated module, as text."""
     from .. import __version__
 
+    kernels, kinfo = triton_section(op, associative) if with_triton else ("", {})
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates_dir())),
                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
                              undefined=jinja2.StrictUndefined)
@@ -60,8 +79,10 @@ def module_source(op: ir.Op, associative: bool, triton_section: str = "") -> str
         outputs=", ".join(f"{f.name}: {f.type}" for f in op.outputs),
         class_name=class_name(op), call_example=example or first.name,
         runtime=_runtime_source().rstrip(), spec=_spec_source(op, associative),
-        torch_functions=torch_ref.generate(op).rstrip(), triton_section=triton_section.rstrip(),
+        torch_functions=torch_ref.generate(op).rstrip(), triton_section=kernels.rstrip(),
         externs=repr(tuple(e.name for e in op.externs)),
+        strategy=kinfo.get("strategy", ""), has_backward=kinfo.get("has_backward", False),
+        spec_name=kinfo.get("spec_name", ""),
     )
 
 
