@@ -114,17 +114,35 @@ def cmd_emit(args) -> int:
     if args.target == "module":
         print(op.module_source(), end="")
         return 0
-    try:
-        from .codegen import emit as emit_mod
-    except ImportError:
-        raise PsmError(f"--target {args.target} needs the Triton code generators, which this "
-                       f"installation lacks", hint="use --target reference or module") from None
-    text = emit_mod.emit(op, args.target)
-    if not text:
-        raise PsmError(f"op '{op.name}' has no {args.target} code",
-                       hint="non-associative ops with externs run on the torch path only")
+    text = _kernel_text(op, args.target)
     print(text, end="" if text.endswith("\n") else "\n")
     return 0
+
+
+def _kernel_text(op, target: str) -> str:
+    """Triton text of one op: scan/recurrent kernels (associative) or tree kernels."""
+    if op.ir.externs:
+        raise PsmError(f"op '{op.name}' calls externs: it runs on the torch level path, with no "
+                       f"{target} kernels", op.ir.loc, "use --target reference or module")
+    if op.associative:
+        from .codegen import emit, triton
+
+        why = triton.unsupported(op.ir)
+        if why:
+            raise PsmError(f"op '{op.name}' has no Triton code: {why}", op.ir.loc,
+                           "it runs on the torch path; use --target reference or module")
+        return emit(op.ir, target)
+    from .codegen import tree
+
+    why = tree.supported(op.ir)
+    if why:
+        raise PsmError(f"op '{op.name}' has no tree kernels: {why}", op.ir.loc,
+                       "it runs on the torch path; use --target reference or module")
+    source = tree.generate(op.ir).source
+    if target == "stream":
+        return (f"# {op.name}: non-associative; streaming is the binary counter of the canonical "
+                f"tree,\n# run by the torch code (see --target module: `Counter` and `step`).\n")
+    return source  # forward and reverse (backward) kernels of the tree live in one source
 
 
 def _pick(ops: dict, name: str | None, path: str):

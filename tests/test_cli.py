@@ -229,3 +229,15 @@ def test_top_level_help_and_usage_errors():
     assert r.returncode == 2 and "Traceback" not in r.stderr
     r = run_cli("compile", "examples/linrec.psm")  # -o missing
     assert r.returncode == 2 and "-o" in r.stderr
+
+
+@pytest.mark.parametrize("target", ["triton", "backward", "stream", "module"])
+def test_emit_every_target_for_every_example(target, capsys):
+    """Every example and target prints code (exit 0) or, for extern ops, a located error (exit 2)."""
+    for path in sorted((ROOT / "examples").glob("*.psm")):
+        code = main(["emit", str(path), "--target", target])
+        out, err = capsys.readouterr()
+        if path.stem == "tpsm" and target != "module":
+            assert code == 2 and f"{path}:" in err and "error:" in err
+        else:
+            assert code == 0 and out.strip(), (path.name, err)
