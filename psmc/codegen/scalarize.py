@@ -113,9 +113,7 @@ def _const(v) -> sp.Expr:
         return sp.Integer(v)
     if math.isinf(v):
         return sp.oo if v > 0 else -sp.oo
-    if float(v).is_integer():
-        return sp.Float(v)
-    return sp.Float(v)
+    return sp.Float(v)  # kernels compute in floats: a float literal, not symbolic.py's exact Rational
 
 
 def _as_bool(x):
