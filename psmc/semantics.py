@@ -1,7 +1,8 @@
-"""The meaning of an op, in plain torch: expression evaluation, the left fold, the canonical tree.
+"""The meaning of an op's expressions, in plain torch: the IR interpreter.
 
-This is the oracle every generated path is compared with (DESIGN.md section 1), so it favours
-obviously-correct code over speed: the scan over time is a Python loop. Values are tensors shaped
+With the sequential scans of `standalone.py` (the left fold, the binary counter) this is the oracle
+every generated path is compared with (DESIGN.md section 1), so it favours obviously-correct code
+over speed. Values are tensors shaped
 `(*batch, *field_shape)`; an expression of field rank r is aligned with others by inserting axes
 between the batch and field axes, which is what makes the language's torch broadcasting of field
 shapes work on batched tensors.
@@ -189,28 +190,3 @@ _FLOAT_FUNCS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "softplus": F.softplus, "sin": torch.sin, "cos": torch.cos, "silu": F.silu,
     "logsigmoid": F.logsigmoid,
 }
-
-
-# ---- scans over time: the sequential reference lives in the torch-only runtime ---------------------
-
-from .standalone import Counter, ceil_log2  # noqa: E402,F401  (re-exported for callers of semantics)
-
-
-def left_fold(elements: list[State], start: State, combine) -> tuple[list[State], list[State]]:
-    """Associative ops: S_i = combine(S_{i-1}, s_i). Returns (exclusive, inclusive) prefixes."""
-    excl, incl = [], []
-    acc = start
-    for s in elements:
-        excl.append(acc)
-        acc = combine(acc, s)
-        incl.append(acc)
-    return excl, incl
-
-
-def counter_scan(elements: list[State], counter: Counter, combine) -> tuple[list[State], list[State]]:
-    """Non-associative ops: the canonical tree, replayed by the binary counter."""
-    excl, incl = [], []
-    for s in elements:
-        excl.append(counter.prefix())
-        incl.append(counter.push(s, combine))
-    return excl, incl

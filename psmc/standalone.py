@@ -7,7 +7,7 @@ runs the very same code with interpreter-backed `lift`/`combine`/`output`. An op
 `lift(x, batch)`, `combine(l, r, batch)`, `output(s, x, batch)`, `identity(batch)`.
 """
 
-import math
+import math  # noqa: F401  (generated code that embeds this file writes math.inf)
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -511,10 +511,6 @@ def _pad_time(v: torch.Tensor, nb: int, length: int) -> torch.Tensor:
         return v
     pad = v.new_zeros(v.shape[:nb] + (length - T,) + v.shape[nb + 1:])
     return torch.cat([v, pad], dim=nb)
-
-
-def ceil_log2(n: int) -> int:
-    return 0 if n <= 1 else math.ceil(math.log2(n))
 
 
 # ---- helpers for the generated lift / combine / output code --------------------------------------
