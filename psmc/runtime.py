@@ -83,10 +83,15 @@ class PsmOp(torch.nn.Module):
     @property
     def spec(self) -> standalone.Spec:
         """Names, dtypes and shapes: what the torch-only runtime needs to know about the op."""
-        op = self.ir
-        fs = lambda fields: tuple(standalone.FieldSpec(f.name, f.type.dtype, f.type.shape) for f in fields)
-        return standalone.Spec(op.name, fs(op.inputs), fs(op.state), fs(op.outputs), op.chunk,
-                               op.exclusive, self.associative)
+        associative = self.associative
+        cached = self.__dict__.get("_spec")
+        if cached is None or cached.associative != associative:  # built once per call otherwise
+            op = self.ir
+            fs = lambda fields: tuple(standalone.FieldSpec(f.name, f.type.dtype, f.type.shape) for f in fields)
+            cached = standalone.Spec(op.name, fs(op.inputs), fs(op.state), fs(op.outputs), op.chunk,
+                                     op.exclusive, associative)
+            self.__dict__["_spec"] = cached
+        return cached
 
     def functions(self, float_dtype: torch.dtype, device: torch.device,
                   interpreted: bool = False) -> standalone.Functions:

@@ -339,7 +339,9 @@ def prepare(spec: Spec, inputs: Dict[str, torch.Tensor], per_token: bool = False
         raise PsmCallError(f"{spec.name}: inputs disagree on the sequence length T: " +
                            ", ".join(f"{n}: {T}" for n, T in lengths))
     try:
-        batch = tuple(torch.broadcast_shapes(*(b for _, b in batches)))
+        shapes = {b for _, b in batches}
+        # torch.broadcast_shapes is slow (tens of us): most calls have one batch shape
+        batch = shapes.pop() if len(shapes) == 1 else tuple(torch.broadcast_shapes(*shapes))
     except RuntimeError:
         raise PsmCallError(f"{spec.name}: batch shapes do not broadcast: " +
                            ", ".join(f"{n}: {b}" for n, b in batches)) from None

@@ -44,16 +44,27 @@ def module(op: ir.Op, interpret: bool) -> ModuleType:
     return mod
 
 
+_WHY_NOT: dict[tuple[int, bool, str | None], tuple[ir.Op, str | None]] = {}
+
+
 def why_not(psm, p) -> str | None:
     """Why the Triton path cannot take this call, or None."""
-    op = psm.ir
-    if not psm.associative:
+    if p.device.type not in ("cuda", "cpu"):
+        return f"tensors on {p.device.type} (Triton runs CUDA tensors, or CPU ones interpreted)"
+    op, associative = psm.ir, psm.associative
+    key = (id(op), associative, FORCE_STRATEGY)  # the answer depends on the op alone: asked once
+    hit = _WHY_NOT.get(key)
+    if hit is None or hit[0] is not op:
+        hit = _WHY_NOT[key] = (op, _why_not_op(op, associative))
+    return hit[1]
+
+
+def _why_not_op(op: ir.Op, associative: bool) -> str | None:
+    if not associative:
         return "it is not associative (the tree backend runs non-associative ops)"
     why = triton_codegen.unsupported(op)
     if why:
         return why
-    if p.device.type not in ("cuda", "cpu"):
-        return f"tensors on {p.device.type} (Triton runs CUDA tensors, or CPU ones interpreted)"
     if triton_codegen.strategy(op, force=FORCE_STRATEGY) == "recurrent" and S.scalarize(op).lane is None:
         return "its state is too large to scalarize and it has no lane dim to split it over"
     return None
@@ -69,16 +80,17 @@ def _needs_grad(p, initial) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet(interpret: bool):
-    """The interpreter evaluates both sides of every `tl.where` in numpy; the untaken side's
-    overflow or log(0) warnings say nothing about the result, so they are silenced there."""
-    if not interpret:
-        yield
-        return
+def _numpy_quiet():
     import numpy as np
 
     with np.errstate(all="ignore"):
         yield
+
+
+def _quiet_if(interpret: bool):
+    """The interpreter evaluates both sides of every `tl.where` in numpy; the untaken side's
+    overflow or log(0) warnings say nothing about the result, so they are silenced there."""
+    return _numpy_quiet() if interpret else contextlib.nullcontext()
 
 
 class _Call:
@@ -98,7 +110,7 @@ class _Call:
         self.out_dtype = p.out_dtype
 
     def forward(self, inputs, initial, want_ckpt):
-        with _quiet(self.interpret):
+        with _quiet_if(self.interpret):
             return getattr(self.mod, f"{self.name}_{self.spec['strategy']}")(
                 inputs, initial=initial, want_final=self.want_final, acc_dtype=self.acc,
                 out_dtype=self.out_dtype, config=FORCE_CONFIG, want_ckpt=want_ckpt)
@@ -145,7 +157,7 @@ class _ScanFunction(torch.autograd.Function):
         gfinal = None
         if call.want_final and any(g is not None for g in grads[n_out:]):
             gfinal = dict(zip(call.state, grads[n_out:]))
-        with _quiet(call.interpret):
+        with _quiet_if(call.interpret):
             gx = getattr(call.mod, f"{call.name}_backward")(raw, gy, (ckpt, ctx.config), gfinal,
                                                              acc_dtype=call.acc, outputs=outputs)
         out = []
@@ -191,18 +203,30 @@ def run(psm, p, initial, return_state: bool, strict: bool):
     return out, StreamState(p.batch_shape, owner(psm.spec), tokens=tokens, prefix=final)
 
 
+_BACKWARD_WHY_NOT: dict[tuple[int, str | None], tuple[ir.Op, str | None]] = {}
+
+
 def backward_why_not(psm, initial) -> str | None:
     """Why gradients cannot come from the derived backward kernels, or None."""
-    from .codegen import scalarize
+    op = psm.ir
+    key = (id(op), FORCE_STRATEGY)
+    hit = _BACKWARD_WHY_NOT.get(key)
+    if hit is None or hit[0] is not op:
+        hit = _BACKWARD_WHY_NOT[key] = (op, _backward_why_not_op(op))
+    if hit[1] is not None:
+        return hit[1]
+    if initial is not None and any(t.requires_grad for t in initial.prefix.values()):
+        return "gradients with respect to the initial state are not generated"
+    return None
 
-    sop = scalarize.scalarize(psm.ir)
-    if triton_codegen.strategy(psm.ir, sop, FORCE_STRATEGY) != "scan":
+
+def _backward_why_not_op(op: ir.Op) -> str | None:
+    sop = S.scalarize(op)
+    if triton_codegen.strategy(op, sop, FORCE_STRATEGY) != "scan":
         return "gradients are needed and strategy recurrent has no derived backward yet"
     _, _, why = triton_codegen.backward_plan(sop)
     if why is not None:
         return f"gradients are needed and the derived backward does not cover this op: {why}"
-    if initial is not None and any(t.requires_grad for t in initial.prefix.values()):
-        return "gradients with respect to the initial state are not generated"
     return None
 
 
@@ -223,7 +247,7 @@ def step(psm, state, p, strict: bool = True):
         return None
     interpret = p.device.type != "cuda"
     mod = module(psm.ir, interpret)
-    with _quiet(interpret):
+    with _quiet_if(interpret):
         outs, final = getattr(mod, f"{psm.name}_step")(p.raw, dict(state.prefix), acc_dtype=p.float_dtype,
                                                        out_dtype=p.out_dtype)
     out = outs[0] if len(outs) == 1 else tuple(outs)

@@ -1,0 +1,97 @@
+"""The generated modules' direct launcher (`_PsmcLauncher`), against a stand-in for Triton.
+
+On a GPU, after a plan's first launch through `kernel[grid](...)` the launcher calls the compiled
+kernel's `run` itself. These tests check, without a GPU, that it passes exactly what Triton's own
+`JITFunction.run` passes (every argument in declaration order, constexprs included, after the
+grid, stream, function, metadata and the three hook slots), and that it goes back to the normal
+path whenever Triton's specialization could differ.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+import torch
+
+from psmc import triton_backend
+
+from triton_cases import load
+
+
+class FakeCompiled:
+    def __init__(self):
+        self.function, self.packed_metadata, self.calls = object(), object(), []
+
+    def run(self, *args):
+        self.calls.append(args)
+
+
+class FakeKernel:
+    arg_names = ["x_ptr", "n", "T", "HAS_INIT", "BLOCK_T"]
+
+    def __init__(self):
+        self.compiled, self.slow_calls = FakeCompiled(), []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.slow_calls.append((grid, args, kwargs))
+            return self.compiled
+        return launch
+
+
+def fake_tensor(ptr: int):
+    t = mock.Mock(spec=torch.Tensor)
+    t.is_cuda = True
+    t.data_ptr.return_value = ptr
+    return t
+
+
+@pytest.fixture
+def launcher_env(monkeypatch):
+    mod = triton_backend.module(load("linrec").ir, interpret=True)
+    runtime = SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None)
+    active = SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda device: 1234)
+    fake_triton = SimpleNamespace(knobs=SimpleNamespace(runtime=runtime),
+                                  runtime=SimpleNamespace(driver=SimpleNamespace(active=active)))
+    monkeypatch.setattr(mod, "triton", fake_triton)
+    return mod, runtime
+
+
+def test_direct_launch_passes_what_triton_would(launcher_env):
+    mod, _ = launcher_env
+    kernel, launch = FakeKernel(), mod._PsmcLauncher()
+    x = fake_tensor(4096)
+    constexprs = dict(BLOCK_T=64, num_warps=4, HAS_INIT=False)  # not in declaration order
+    launch(kernel, (7,), [x, 5, 100], constexprs)
+    assert kernel.slow_calls == [((7,), (x, 5, 100), constexprs)] and kernel.compiled.calls == []
+    launch(kernel, (7,), [x, 5, 100], constexprs)
+    c = kernel.compiled
+    assert len(kernel.slow_calls) == 1
+    assert c.calls == [(7, 1, 1, 1234, c.function, c.packed_metadata, None, None, None,
+                        x, 5, 100, False, 64)]
+
+
+def test_direct_launch_falls_back_when_specialization_could_differ(launcher_env):
+    mod, runtime = launcher_env
+    kernel, launch = FakeKernel(), mod._PsmcLauncher()
+    constexprs = dict(HAS_INIT=True, BLOCK_T=32)
+    launch(kernel, (3,), [fake_tensor(4096), 5, 100], constexprs)
+    launch(kernel, (3,), [fake_tensor(4100), 5, 100], constexprs)  # not 16-byte aligned
+    assert len(kernel.slow_calls) == 2 and kernel.compiled.calls == []
+    runtime.launch_enter_hook = lambda *a: None  # a profiler's hook must see every launch
+    launch(kernel, (3,), [fake_tensor(8192), 5, 100], constexprs)
+    assert len(kernel.slow_calls) == 3 and kernel.compiled.calls == []
+    runtime.launch_enter_hook = None
+    launch(kernel, (3,), [fake_tensor(8192), 5, 100], constexprs)
+    assert len(kernel.slow_calls) == 3 and len(kernel.compiled.calls) == 1
+
+
+def test_cpu_tensors_always_take_triton_path(launcher_env):
+    mod, _ = launcher_env
+    kernel, launch = FakeKernel(), mod._PsmcLauncher()
+    x = torch.zeros(4)
+    for _ in range(2):
+        launch(kernel, (1,), [x, 5, 100], dict(HAS_INIT=False, BLOCK_T=8))
+    assert len(kernel.slow_calls) == 2 and kernel.compiled.calls == []
