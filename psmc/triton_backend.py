@@ -196,9 +196,10 @@ def backward_why_not(psm, initial) -> str | None:
     from .codegen import scalarize
 
     sop = scalarize.scalarize(psm.ir)
-    if triton_codegen.strategy(psm.ir, sop, FORCE_STRATEGY) != "scan":
-        return "gradients are needed and strategy recurrent has no derived backward yet"
-    _, _, why = triton_codegen.backward_plan(sop)
+    if triton_codegen.strategy(psm.ir, sop, FORCE_STRATEGY) == "recurrent":
+        why = triton_codegen.recurrent_backward_why_not(psm.ir, sop)
+    else:
+        _, _, why = triton_codegen.backward_plan(sop)
     if why is not None:
         return f"gradients are needed and the derived backward does not cover this op: {why}"
     if initial is not None and any(t.requires_grad for t in initial.prefix.values()):
