@@ -66,6 +66,28 @@ def _key(axis: int, rank: int) -> str:
     return "[" + ", ".join(":" if a == axis else "None" for a in range(rank)) + "]" if rank > 1 else ""
 
 
+class _NamingPrinter(TilePrinter):
+    """TilePrinter that names every computed forward value the backward reads (`{prefix}v0 = ...`),
+    once per distinct expression: the rules read a value several times (x / y for `/` and its
+    derivative), and names keep the generated lines short."""
+
+    def __init__(self, env: dict, local: str, prefix: str, lines: list[str]):
+        super().__init__(env, local)
+        self.prefix, self.lines = prefix, lines
+        self.names: dict[ir.Expr, str] = {}
+
+    def __call__(self, e: ir.Expr) -> str:
+        if e in self.names:
+            return self.names[e]
+        text = super().__call__(e)
+        if not isinstance(e, (ir.Binary, ir.Call, ir.Reduce)):
+            return text
+        name = f"{self.prefix}v{len(self.names)}"
+        self.lines.append(f"{name} = {text}")
+        self.names[e] = name
+        return name
+
+
 class TileVJP:
     """Reverse mode over one function body.
 
@@ -76,10 +98,11 @@ class TileVJP:
     def __init__(self, fn: ir.Function, env: dict, local: str, wrt: set[str], prefix: str,
                  lanes: dict[int, int | None]):
         self.fn, self.wrt, self.prefix, self.lanes = fn, wrt, prefix, lanes
-        self.pr = TilePrinter(env, local)
         self.lines: list[str] = []
+        self.pr = _NamingPrinter(env, local, prefix, self.lines)
         self.terms: dict[tuple[str, str], list[str]] = {}  # (role, field) -> cotangent terms
         self._locals: dict[str, list[str]] = {}
+        self._kept: dict[str, tuple[int, str]] = {}
         self._n = itertools.count()
         lets = {st.name: st.value for st in fn.body if isinstance(st, ir.Let)}
         self._live_lets: set[str] = set()
@@ -142,7 +165,10 @@ class TileVJP:
         elif pad(size) != size:
             self.pr.sizes.add(size)
             x = f"tl.where(ok_{size}{_key(axis, rank)}, {x}, 0.0)"
-        return f"tl.reduce({x}, {axis}, _psmc_add{', keep_dims=True' if keep else ''})"
+        if keep:  # a later `[:, None]` drops the axis again: remember the sum without it
+            self._kept[f"tl.reduce({x}, {axis}, _psmc_add, keep_dims=True)"] = (axis, f"tl.reduce({x}, {axis}, _psmc_add)")
+            return f"tl.reduce({x}, {axis}, _psmc_add, keep_dims=True)"
+        return f"tl.reduce({x}, {axis}, _psmc_add)"
 
     def _sum_to(self, g: str, shape: tuple[int, ...], lane: int | None, child: ir.Expr) -> str:
         """A cotangent of `shape` (lane axis `lane`) reduced to the shape of `child`, which
@@ -289,7 +315,10 @@ class TileVJP:
                 self.pr.sizes.add(shape[a])
             self._grad(base, f"tl.where({cond}, {spread}, 0.0)")
             return
-        if any(it.kind == "newaxis" for it in e.items):  # drop the new (size-1) axes again
+        new = [a for a, it in enumerate(e.items) if it.kind == "newaxis"]
+        if new == [self._kept.get(g, (None,))[0]]:  # a sum that kept the axis: keep it not
+            g = self._kept[g][1]
+        elif new:  # drop the new (size-1) axes again
             g = f"tl.reshape({g}, {self._dims(base)})"
         self._grad(base, g)
 

@@ -313,9 +313,11 @@ def generate_backward(op: ir.Op, sop: S.ScalarOp) -> str:
     work_stores, work_loads, ckpt_loads = [], [], []
     for f in sop.state:
         elems, flat = _flat(f)
-        tiles.append(f"work_{f.name} = work_{f.name}_ptr + pid.to(tl.int64) * (CKPT_T * {elems}) + {flat}")
-        work_stores.append(f"tl.store(work_{f.name} + j * {elems}, h_{f.name})")
-        work_loads.append(f"p_{f.name} = tl.load(work_{f.name} + (t - start) * {elems})")
+        size = "" if elems == "1" else f" * {elems}"
+        tiles.append(f"work_{f.name} = work_{f.name}_ptr + pid.to(tl.int64) * (CKPT_T{size})"
+                     + ("" if flat == "0" else f" + {flat}"))
+        work_stores.append(f"tl.store(work_{f.name} + j{size}, h_{f.name})")
+        work_loads.append(f"p_{f.name} = tl.load(work_{f.name} + (t - start){size})")
         m = fields.mask(f)
         ckpt_loads.append(f"h_{f.name} = tl.load(ckpt_{f.name}_ptr + {fields.offsets(f'ckpt_{f.name}', f)} "
                           f"+ blk * ckpt_{f.name}_st" + (f", mask={m}, other=0)" if m else ")"))
