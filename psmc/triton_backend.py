@@ -105,7 +105,8 @@ class _Call:
 
 
 class _ScanFunction(torch.autograd.Function):
-    """Forward: the scan kernel (saving per-block checkpoints). Backward: the derived kernel."""
+    """Forward: the scan or recurrent kernel (saving per-block checkpoints). Backward: the derived
+    kernel of that strategy (`{op}_backward`: a reverse scan, or the recurrent adjoint)."""
 
     @staticmethod
     def forward(ctx, call: _Call, *tensors):
