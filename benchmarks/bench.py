@@ -1,6 +1,6 @@
 """psmc on a GPU, side by side with its peers and the memory roofline, in one run.
 
-    python benchmarks/bench.py [--parts copy,linrec,sweep,curve,examples,backward,gla] [--out DIR]
+    python benchmarks/bench.py [--parts copy,linrec,sweep,curve,examples,backward,gla,gla_bwd] [--out DIR]
 
 Method (see the device notes' METHOD.md): medians of triton.testing.do_bench, inputs rotated
 among several sets whenever one set would fit in L2, random inputs (never zeros), every psmc result
@@ -411,6 +411,81 @@ def part_gla(args, copy_gbs):
             log("chunk_gla failed:", repr(e)[:300])
 
 
+def part_gla_bwd(args, copy_gbs):
+    """GLA forward + backward, B=4, T=4096, H=16, K=V=128, bf16: psmc's derived recurrent backward
+    vs flash-linear-attention's fused_recurrent_gla and chunk_gla (gradients checked against fla's
+    fused_recurrent first)."""
+    B, T, H, K, V = 4, 4096, 16, 128, 128
+    op = example("gla", K=K, V=V)
+    dt = torch.bfloat16
+    q = torch.randn(B, T, H, K, device="cuda", dtype=dt)
+    k = torch.randn(B, T, H, K, device="cuda", dtype=dt) * K ** -0.5
+    v = torch.randn(B, T, H, V, device="cuda", dtype=dt)
+    gk = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, device="cuda")).to(dt) / 16
+    do = torch.randn(B, T, H, V, device="cuda", dtype=dt)
+    leaves = [t.requires_grad_(True) for t in (q, k, v, gk)]
+    # forward reads q, k, v, gk, writes o; backward reads them and do, writes dq, dk, dv, dgk
+    moved = nbytes(q, k, v, gk, v) + nbytes(q, k, v, gk, do, q, k, v, gk)
+    shape = f"B={B} T={T} H={H} K=V={K} bf16 fwd+bwd"
+
+    def psmc_fb():  # psmc takes (*batch, T, *field): (B, H, T, K) views of fla's layout
+        o = op(q=q.transpose(1, 2), k=k.transpose(1, 2), v=v.transpose(1, 2), gk=gk.transpose(1, 2))
+        return torch.autograd.grad(o, leaves, do.transpose(1, 2))
+
+    fla = {}
+    try:
+        from fla.ops.gla import chunk_gla, fused_recurrent_gla
+        fla = {"fused_recurrent_gla": fused_recurrent_gla, "chunk_gla": chunk_gla}
+    except Exception as e:  # noqa: BLE001
+        RESULTS["notes"].append(f"fla import failed: {e!r}")
+        log("fla import failed:", repr(e)[:400])
+
+    def fla_fb(fn):
+        def run():
+            o, _ = fn(q, k, v, gk, scale=1.0)
+            return torch.autograd.grad(o, leaves, do)
+        return run
+
+    ref = None
+    if fla:
+        try:
+            ref = fla_fb(fla["fused_recurrent_gla"])()
+        except Exception as e:  # noqa: BLE001
+            log("fla fused_recurrent_gla backward failed:", repr(e)[:400])
+    names = ("dq", "dk", "dv", "dgk")
+    best = None
+    for cfg in [None, (8, 1, 3, 64), (8, 1, 3, 32), (4, 1, 3, 64), (16, 2, 3, 64)]:
+        triton_backend.FORCE_CONFIG = cfg
+        try:
+            got = psmc_fb()
+            if ref is not None:
+                errs = {n: rel_err(g, r) for n, g, r in zip(names, got, ref)}
+                log(f"  gla_bwd config {cfg}: rel err vs fla fused_recurrent "
+                    + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
+                assert all(e < 5e-2 for e in errs.values()), errs
+            ms = median_ms(psmc_fb, rep=50)
+            log(f"  gla_bwd config {cfg}: {ms:.3f} ms")
+            RESULTS["sweep"].append({"op": "gla_bwd", "config": cfg, "ms": ms})
+            if best is None or ms < best[0]:
+                best = (ms, cfg)
+        except Exception as e:  # noqa: BLE001
+            log(f"  gla_bwd config {cfg} failed: {e!r}"[:300])
+        finally:
+            triton_backend.FORCE_CONFIG = None
+    if best:
+        row("gla_bwd", shape, f"psmc recurrent {best[1] or 'default'}", best[0], moved, copy_gbs)
+    for name, fn in fla.items():
+        try:
+            if ref is not None and name != "fused_recurrent_gla":
+                got = fla_fb(fn)()
+                log(f"  {name} vs fused_recurrent_gla: rel diff "
+                    + ", ".join(f"{n} {rel_err(g, r):.1e}" for n, g, r in zip(names, got, ref)))
+            ms = median_ms(fla_fb(fn), rep=50)
+            row("gla_bwd", shape, f"fla {name}", ms, moved, copy_gbs)
+        except Exception as e:  # noqa: BLE001
+            log(f"{name} fwd+bwd failed:", repr(e)[:300])
+
+
 def plot(out: Path):
     try:
         import matplotlib
@@ -439,7 +514,7 @@ def plot(out: Path):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--parts", default="copy,linrec,backward,sweep,curve,examples,gla")
+    ap.add_argument("--parts", default="copy,linrec,backward,sweep,curve,examples,gla,gla_bwd")
     ap.add_argument("--peers", default="acc,torch")
     ap.add_argument("--gla-configs", type=int, default=4)
     ap.add_argument("--examples", default="", help="comma-separated subset of the examples part")

@@ -117,7 +117,8 @@ class _Call:
 
 
 class _ScanFunction(torch.autograd.Function):
-    """Forward: the scan kernel (saving per-block checkpoints). Backward: the derived kernel."""
+    """Forward: the scan or recurrent kernel (saving per-block checkpoints). Backward: the derived
+    kernel of that strategy (`{op}_backward`: a reverse scan, or the recurrent adjoint)."""
 
     @staticmethod
     def forward(ctx, call: _Call, *tensors):
@@ -222,9 +223,10 @@ def backward_why_not(psm, initial) -> str | None:
 
 def _backward_why_not_op(op: ir.Op) -> str | None:
     sop = S.scalarize(op)
-    if triton_codegen.strategy(op, sop, FORCE_STRATEGY) != "scan":
-        return "gradients are needed and strategy recurrent has no derived backward yet"
-    _, _, why = triton_codegen.backward_plan(sop)
+    if triton_codegen.strategy(op, sop, FORCE_STRATEGY) == "recurrent":
+        why = triton_codegen.recurrent_backward_why_not(op, sop)
+    else:
+        _, _, why = triton_codegen.backward_plan(sop)
     if why is not None:
         return f"gradients are needed and the derived backward does not cover this op: {why}"
     return None

@@ -56,12 +56,15 @@ def build(tmp_path_factory):
     files = [str(ROOT / "examples" / f"{n}.psm") for n in ("linrec", "affine", "softmax_attn", "cumcount")]
     subprocess.run([sys.executable, "-m", "psmc.cli", "compile", *files, "-o", str(out), "--set", "D=4"],
                    check=True, capture_output=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "psmc.cli", "compile", str(ROOT / "examples" / "mlstm.psm"),
+                    "-o", str(out)], check=True, capture_output=True, cwd=ROOT)
     return out
 
 
 @pytest.mark.parametrize("name, cls, grad", [("linrec", "Linrec", "grad"), ("affine", "Affine", "grad"),
                                              ("softmax_attn", "SoftmaxAttn", "nograd"),
-                                             ("cumcount", "Cumcount", "nograd")])
+                                             ("cumcount", "Cumcount", "nograd"),
+                                             ("mlstm", "Mlstm", "grad")])
 def test_compiled_module_runs_its_kernels_alone(build, name, cls, grad):
     text = (build / f"{name}.py").read_text()
     assert "@triton.jit" in text and f"def {name}_step(" in text

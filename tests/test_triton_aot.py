@@ -29,10 +29,31 @@ def test_scan_kernels_compile_for_sm90(name):
 
 @pytest.mark.parametrize("name, dims", [("gla", {}), ("gla", dict(K=128, V=128)), ("mlstm", {})])
 def test_recurrent_kernels_compile_for_sm90(name, dims):
+    """The forward and the derived backward; registers and spills are printed (pytest -s)."""
     op = load(name, **dims)
     module = triton_backend.module(op.ir, interpret=False)
-    (k,) = triton_codegen.compile_ahead(op.ir, module, arch=90, input_dtype="bf16")
-    assert ".target sm_90" in k.asm["ptx"]
+    forward, backward = triton_codegen.compile_ahead(op.ir, module, arch=90, input_dtype="bf16")
+    for k in (forward, backward):
+        assert ".target sm_90" in k.asm["ptx"]
+        print(f"{k.name}{dims}: {_resources(k)}")
+    assert backward.name == f"{name}_recurrent_backward_kernel"
+
+
+def _resources(kernel) -> str:
+    """Registers and spills from the cubin (n_regs needs a GPU): the bundled cuobjdump."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True,
+                             text=True).stdout
+    return " ".join(out.split("Resource usage:")[-1].split()) if "Resource usage:" in out else out
 
 
 def test_low_precision_input_variant_compiles():

@@ -4,7 +4,8 @@
     triton_expr      sympy scalars → Triton expressions
     triton_tile      IR → Triton expressions on whole tiles
     triton_scan      strategy scan (tl.associative_scan over blocks, carry across blocks)
-    triton_recurrent strategy recurrent (state tiles on chip, sequential over T)
+    triton_recurrent strategy recurrent (state tiles on chip, sequential over T) and its backward
+    tile_adjoint     vector-Jacobian products of IR functions on tiles (recurrent's backward)
     adjoint          the derived backward: Jacobians, live adjoints, coefficient pattern
     triton_adjoint   the backward as a reverse-scan kernel
     triton           a module's Triton section: prelude, forward, backward, stream
@@ -34,8 +35,10 @@ def emit(op, target: str) -> str:
             from . import scalarize
 
             sop = scalarize.scalarize(op)
-            _, _, why = triton.backward_plan(sop)
-            why = why or "strategy recurrent has no derived backward yet"
+            if triton.strategy(op, sop) == "recurrent":
+                why = triton.recurrent_backward_why_not(op, sop)
+            else:
+                _, _, why = triton.backward_plan(sop)
             return f"# {op.name}: no derived backward kernel: {why}; autograd runs through torch.\n"
         return s["backward"]
     return s["stream"]

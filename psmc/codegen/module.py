@@ -54,7 +54,10 @@ def triton_section(op: ir.Op, associative: bool) -> tuple[str, dict]:
     strategy = triton.strategy(op, sop)
     if strategy == "recurrent" and sop.lane is None:
         return "", {}
-    has_backward = strategy == "scan" and triton.backward_plan(sop)[2] is None
+    if strategy == "scan":
+        has_backward = triton.backward_plan(sop)[2] is None
+    else:
+        has_backward = triton.recurrent_backward_why_not(op, sop) is None
     return triton.generate_module_section(op), {
         "strategy": strategy, "has_backward": has_backward, "spec_name": f"{op.name.upper()}_SPEC"}
 

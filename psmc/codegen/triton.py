@@ -70,6 +70,16 @@ def backward_plan(sop: S.ScalarOp) -> tuple[adjoint.Adjoint | None, adjoint.Adjo
     return adj, adjf, None
 
 
+def recurrent_backward_why_not(op: ir.Op, sop: S.ScalarOp | None = None) -> str | None:
+    """Why strategy recurrent has no derived backward for this op (None when it has one)."""
+    return _recurrent_why(sop or S.scalarize(op))
+
+
+@lru_cache(maxsize=256)
+def _recurrent_why(sop: S.ScalarOp) -> str | None:
+    return triton_recurrent.backward_why_not(sop.op, sop)
+
+
 def sections(op: ir.Op, force: str | None = None) -> dict[str, str]:
     """The generated text in parts: prelude (shared helpers), forward (kernel and launcher with
     its spec), backward (derived kernels and launcher; empty when not derived), stream (step)."""
@@ -104,10 +114,15 @@ def sections(op: ir.Op, force: str | None = None) -> dict[str, str]:
                 summary=summary, kernel=kernel, final_kernel=final,
                 saved_kernel=None if saved is None else f"{name}_backward_saved_kernel"))
     else:
-        spec = dict(triton_recurrent.spec(sop), strategy="recurrent")
+        why = recurrent_backward_why_not(op, sop)
+        spec = dict(triton_recurrent.spec(sop, backward=why is None), strategy="recurrent")
         out["forward"] = _join(triton_recurrent.generate(op, sop),
                                render("triton_launch_recurrent.j2", name=name, path=sop.path,
                                       spec_name=spec_name, spec=literal(spec), lane=sop.lane.name))
+        if why is None:
+            out["backward"] = _join(triton_recurrent.generate_backward(op, sop), render(
+                "triton_launch_recurrent_backward.j2", name=name, path=sop.path,
+                spec_name=spec_name, lane=sop.lane.name))
     out["stream"] = render("triton_step.j2", name=name, path=sop.path, strategy=strat,
                            spec_name=spec_name)
     return out
@@ -158,8 +173,15 @@ def kernel_signatures(op: ir.Op, input_dtype: str = "f32") -> list[tuple[str, di
             types[f"{role}_{f['name']}_ptr"] = _PTR[f["dtype"]]
     if strategy(op, sop) == "recurrent":
         block_l = min(32, 1 << max(0, (sop.lane.size - 1).bit_length()))
-        return [(f"{op.name}_recurrent_kernel", types,
-                 {"HAS_INIT": True, "STORE_FINAL": True, "ACC": "fp32", "BLOCK_L": block_l, "STAGES": 2})]
+        out = [(f"{op.name}_recurrent_kernel", types,
+                {"HAS_INIT": True, "STORE_FINAL": True, "STORE_CKPT": True, "ACC": "fp32",
+                 "BLOCK_L": block_l, "STAGES": 2, "CKPT_T": 64})]
+        if recurrent_backward_why_not(op, sop) is None:
+            for f in spec["state"]:
+                types[f"work_{f['name']}_ptr"] = _PTR[f["dtype"]]
+            out.append((f"{op.name}_recurrent_backward_kernel", types,
+                        {"HAS_GFINAL": True, "ACC": "fp32", "BLOCK_L": block_l, "CKPT_T": 64}))
+        return out
     tile = 1 << (16384 // max(1, spec["scalars"])).bit_length() - 1
     block_t = max(128, min(4096, tile))
     out = [(f"{op.name}_scan_kernel", types, {"HAS_INIT": True, "STORE_FINAL": True, "STORE_CKPT": True,
