@@ -13,6 +13,7 @@ The folder is `$PSMC_CACHE_DIR`, else `$XDG_CACHE_HOME/psmc`, else `~/.cache/psm
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -22,7 +23,7 @@ import threading
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
+from typing import Callable, Iterator
 
 from . import __version__, ir
 from .resources import templates_dir
@@ -102,15 +103,30 @@ def load(path: Path, interpret: bool = False) -> ModuleType:
         name = f"psmc_generated.{path.stem}{'_interpreted' if interpret else ''}"
         spec = importlib.util.spec_from_file_location(name, path)
         mod = importlib.util.module_from_spec(spec)
-        old = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-        try:
+        with _interpreter(interpret):
             sys.modules[name] = mod
             spec.loader.exec_module(mod)
-        finally:
-            if old is None:
-                del os.environ["TRITON_INTERPRET"]
-            else:
-                os.environ["TRITON_INTERPRET"] = old
         _LOADED[k] = mod
         return mod
+
+
+@contextlib.contextmanager
+def _interpreter(on: bool) -> Iterator[None]:
+    """TRITON_INTERPRET set to `on` while a module imports, then everything as it was: the
+    environment variable, and any value set on triton.knobs (which would override it)."""
+    import triton
+
+    rt = triton.knobs.runtime
+    had, old = "interpret" in vars(rt), vars(rt).get("interpret")
+    env = os.environ.get("TRITON_INTERPRET")
+    rt.__dict__.pop("interpret", None)
+    os.environ["TRITON_INTERPRET"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = env
+        if had:
+            rt.__dict__["interpret"] = old

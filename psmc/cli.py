@@ -138,11 +138,11 @@ def _kernel_text(op, target: str) -> str:
     if why:
         raise PsmError(f"op '{op.name}' has no tree kernels: {why}", op.ir.loc,
                        "it runs on the torch path; use --target reference or module")
-    source = tree.generate(op.ir).source
     if target == "stream":
         return (f"# {op.name}: non-associative; streaming is the binary counter of the canonical "
                 f"tree,\n# run by the torch code (see --target module: `Counter` and `step`).\n")
-    return source  # forward and reverse (backward) kernels of the tree live in one source
+    # forward and reverse (backward) kernels and their host code: the module's tree section
+    return tree.generate_module_section(op.ir)
 
 
 def _pick(ops: dict, name: str | None, path: str):

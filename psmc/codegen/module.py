@@ -43,9 +43,14 @@ def class_name(op: ir.Op) -> str:
 
 def triton_section(op: ir.Op, associative: bool) -> tuple[str, dict]:
     """Kernels + launchers for the module, and what the dispatch needs to know; "" when the
-    Triton generators do not cover the op (non-associative ops run the torch path here)."""
+    Triton generators do not cover the op (ops with externs, chunks or non-float fields that are
+    not associative run the torch level path)."""
     if not associative:
-        return "", {}
+        from . import tree
+
+        if tree.supported(op):
+            return "", {}
+        return tree.generate_module_section(op), {"strategy": "tree", "has_backward": True}
     from . import scalarize, triton
 
     if triton.unsupported(op):

@@ -22,6 +22,11 @@ Jacobian entries are dropped. A backward kernel recomputes its block's forward i
 the down-sweep in reverse (adjoints of the starting prefixes come out per block), then the
 up-sweep in reverse (the block total's adjoint comes in from the scan of the totals).
 
+Host code: `generate_module_section` adds to the kernels the Python that launches them
+(templates/tree_host.j2, one text for every op) and the op's entry `{op}_tree` with its table of
+kernels and block sizes (templates/tree_launch.j2). `psmc compile` pastes that section into a
+vendored module, and the package's tree backend imports the same text from the on-disk cache.
+
 Kernels (all take `ACC`, the accumulation dtype, and `HAS_START` where a block may have a start):
   {op}_tree_up_x / _up_s        inputs (lift fused) / states  -> block totals
   {op}_tree_down_x / _down_s    ... + block prefixes -> outputs (output fused) / all n+1 prefixes
@@ -40,9 +45,15 @@ import sympy as sp
 from .. import ir
 from . import scalarize as S
 from .templates import render
+from .triton import _join
 from .triton_expr import TritonPrinter
 
-DEFAULT_BLOCK = 256
+# The blocks a vendored module is generated with (the GPU's; the package picks per device, see
+# tree_backend.py): elements a program of the split/join kernels (gradients, stream state), and
+# threads a program of the forward-only lanes kernels.
+BLOCK = 64
+LANES = 128
+_NUM_WARPS = {4: 1, 8: 1, 16: 1, 32: 1, 64: 2, 128: 4, 256: 4, 512: 8, 1024: 8}
 KINDS = ("up_x", "up_s", "down_x", "down_s", "bwd_up_x", "bwd_up_s", "bwd_down_x", "bwd_down_s")
 LANE_KINDS = ("lanes_up_x", "lanes_up_s", "lanes_down_x", "lanes_down_s")
 
@@ -562,7 +573,7 @@ def lane_config(op: ir.Op, lanes: int = 128) -> tuple[int, int]:
     return lanes, per_lane
 
 
-def generate(op: ir.Op, block: int = DEFAULT_BLOCK, lanes: int = 0, per_lane: int = 0) -> TreeKernels:
+def generate(op: ir.Op, block: int = BLOCK, lanes: int = 0, per_lane: int = 0) -> TreeKernels:
     """The tree kernels of `op` for blocks of `block` (a power of two >= 2) elements, and with
     `lanes` > 0 the forward-only lanes family for blocks of `lanes` x `per_lane` elements."""
     why = supported(op)
@@ -631,3 +642,30 @@ def _lane_pieces(sop: S.ScalarOp, lanes: int, per_lane: int) -> dict:
             "start_none": none, "cross_down": L.cross.down(need_p0=True, need_q=True), "down": down,
             "output": L.output(pre), "store_prefixes": L.store_prefixes(excl, incl),
             "store_total": L.cross.store_total()}
+
+
+def num_warps(threads: int) -> int:
+    """Warps a program: one per 32 threads of a block (lanes, or elements of a split/join block)."""
+    return _NUM_WARPS.get(threads, 4)
+
+
+def generate_module_section(op: ir.Op, block: int = BLOCK, lanes: int = LANES) -> str:
+    """The tree kernels of `op` (forward and reverse), the host code that launches them and the
+    op's entry `{op}_tree(spec, fns, p, initial, return_state)`, as Python source text.
+
+    This is what `psmc compile` pastes into DIR/<op>.py after the torch-only runtime and
+    `import triton`, `import triton.language as tl`; `generate_module` wraps it for the cache."""
+    per_lane = lane_config(op, lanes)[1]
+    tk = generate(op, block, lanes, per_lane)
+    launch = render("tree_launch.j2", name=op.name, path=S.ScalarOp(op).path,
+                    table=f"{op.name.upper()}_TREE", block=block, warps=num_warps(block),
+                    lanes=lanes, per_lane=per_lane, lane_block=tk.lane_block,
+                    lane_warps=num_warps(lanes), slots=tk.state_slots,
+                    kernels={kind: tk.kernel(kind) for kind in tk.kinds})
+    return _join(tk.source, render("tree_host.j2"), launch)
+
+
+def generate_module(op: ir.Op, version: str, block: int = BLOCK, lanes: int = LANES) -> str:
+    """The section as a module of its own, taking the runtime from psmc.standalone (the cache's)."""
+    return render("tree_module.j2", name=op.name, version=version, path=S.ScalarOp(op).path,
+                  section=generate_module_section(op, block, lanes))
