@@ -171,3 +171,44 @@ def test_chunking_rule():
     assert rule(T, block_t, 1, sms, chunk_t=0) == T
     assert rule(37, 4, 600, sms, chunk_t=5) == 8
     assert rule(37, 4, 1, sms, chunk_t=64) == 37
+
+
+@pytest.mark.parametrize("shape, two", [((1, 16, 1 << 20), True), ((2, 32, 1 << 18), True),
+                                        ((1, 4, 1 << 22), True), ((8, 1536, 4096), False),
+                                        ((1, 16, 4096), False)])
+def test_plans_on_an_h100_sized_gpu(shape, two, monkeypatch):
+    """What the launcher picks for linrec on 132 SMs (planned on meta tensors: no GPU needed)."""
+    mod = triton_backend.module(load("linrec").ir, interpret=True)
+    monkeypatch.setattr(mod, "_psmc_sms", lambda device: 132)
+    xs = [torch.empty(shape, device="meta") for _ in range(2)]
+    plan = mod._PsmcScanPlan(mod.LINREC_SPEC, xs, None, True, False, torch.float32, torch.float32, None)
+    programs, chunks = plan.grid
+    assert (chunks > 1) == two and (plan.totals is not None) == two
+    if two:
+        assert programs * chunks >= 2 * 132 and chunks <= mod._PSMC_MAX_CHUNKS
+        assert plan.totals[0][0] == shape[:2] + (chunks,)
+
+
+@pytest.mark.parametrize("faster", ["one", "two"])
+def test_autotune_times_one_pass_against_two(faster, monkeypatch):
+    """Where the rule picks two passes, the GPU's first call also times one pass and keeps the
+    faster (launches and timings faked: the choice is plain Python)."""
+    import triton.testing
+
+    mod = triton_backend.module(load("linrec").ir, interpret=True)
+    monkeypatch.setattr(mod, "_psmc_sms", lambda device: 132)
+    launched = []
+    monkeypatch.setattr(mod, "_psmc_launch", lambda kernel, totals_kernel, spec, plan, *a: launched.append(plan))
+
+    def fake_bench(fn, **kw):
+        fn()
+        two = launched[-1].totals is not None
+        return 1.0 + (two == (faster == "one")) + launched[-1].config[1] / 1e6
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    x = draw(load("linrec"), (1, 2048), dtype=torch.float32)
+    first = mod._PsmcScanPlan(mod.LINREC_SPEC, list(x.values()), None, False, False, torch.float32,
+                              torch.float32, None)
+    best = mod._psmc_autotune(mod.linrec_scan_kernel, mod.linrec_chunk_totals_kernel, mod.LINREC_SPEC,
+                              list(x.values()), None, False, False, torch.float32, torch.float32, first, None)
+    assert {p.totals is not None for p in launched} == {True, False}
+    assert (best.totals is not None) == (faster == "two")
