@@ -1,6 +1,6 @@
 """psmc on a GPU, side by side with its peers and the memory roofline, in one run.
 
-    python benchmarks/bench.py [--parts copy,linrec,sweep,curve,examples,backward,gla,gla_bwd] [--out DIR]
+    python benchmarks/bench.py [--parts copy,linrec,sweep,curve,twopass,examples,backward,gla,gla_bwd] [--out DIR]
 
 Method (see the device notes' METHOD.md): medians of triton.testing.do_bench, inputs rotated
 among several sets whenever one set would fit in L2, random inputs (never zeros), every psmc result
@@ -149,6 +149,69 @@ def part_linrec(args, copy_gbs):
         except Exception as e:  # noqa: BLE001
             RESULTS["notes"].append(f"torch associative_scan failed: {e!r}")
             log("torch associative_scan failed:", repr(e)[:400])
+
+
+def launched_plan(mod, fn):
+    """fn()'s result and the last scan plan it launched through `mod` (None if it launched none)."""
+    plans = []
+    launch = mod._psmc_launch
+
+    def spy(kernel, totals_kernel, spec, plan, *args):
+        plans.append(plan)
+        return launch(kernel, totals_kernel, spec, plan, *args)
+    mod._psmc_launch = spy
+    try:
+        y = fn()
+    finally:
+        mod._psmc_launch = launch
+    return y, (plans[-1] if plans else None)
+
+
+TWOPASS_SHAPES = [(1, 16, 1 << 20), (2, 32, 1 << 18), (1, 4, 1 << 22)]
+
+
+def part_twopass(args, copy_gbs):
+    """linrec fp32 with few lanes and long T, where one program per lane leaves most SMs idle:
+    psmc with one pass forced, psmc's choice (two passes here), two passes at other chunk sizes,
+    and accelerated-scan. Each result is checked against a float64 computation (the torch path) on
+    two whole lanes first, so chunk boundaries and the end of T are covered."""
+    op = example("linrec")
+    run = launcher(op)
+    mod = triton_backend.module(op.ir, interpret=False)
+    try:
+        from accelerated_scan.scalar import scan as acc_scan
+    except Exception as e:  # noqa: BLE001
+        acc_scan = None
+        log("accelerated-scan not importable:", repr(e)[:200])
+    for B, C, T in TWOPASS_SHAPES:
+        a, b = linrec_inputs(B, C, T)
+        moved = nbytes(a, b, a)
+        shape = f"({B}, {C}, {T}) f32"
+        ref = op(a=a[:1, :2].double(), b=b[:1, :2].double(), backend="torch")
+        impls = {"psmc one pass (chunk_t=0)": lambda: run({"a": a, "b": b}, chunk_t=0)[0][0],
+                 "psmc auto": lambda: run({"a": a, "b": b})[0][0]}
+        for chunk_t in (T // 64, T // 16):
+            impls[f"psmc two passes chunk_t={chunk_t}"] = (
+                lambda c=chunk_t: run({"a": a, "b": b}, chunk_t=c)[0][0])
+        if acc_scan is not None:
+            impls["accelerated-scan (triton)"] = lambda: acc_scan(a, b)
+        for impl, fn in impls.items():
+            try:
+                y, plan = launched_plan(mod, fn)
+                err = rel_err(y[:1, :2], ref)
+                if err > 1e-4:
+                    raise AssertionError(f"rel err {err:.2e} vs float64")
+                extra = {"rel_err": err}
+                if plan is not None:
+                    extra.update(config=plan.config, grid=plan.grid,
+                                 two_pass=plan.totals is not None)
+                    impl = f"{impl} {plan.config} grid {plan.grid}"
+                ms = median_ms(fn, rep=100)
+                row("linrec few lanes", shape, impl, ms, moved, copy_gbs, extra)
+            except Exception as e:  # noqa: BLE001
+                RESULTS["notes"].append(f"twopass {shape} {impl} failed: {e!r}")
+                log(f"  twopass {shape} {impl} failed: {e!r}"[:400])
+        del a, b
 
 
 def part_sweep(args, copy_gbs):
@@ -514,7 +577,7 @@ def plot(out: Path):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--parts", default="copy,linrec,backward,sweep,curve,examples,gla,gla_bwd")
+    ap.add_argument("--parts", default="copy,linrec,backward,sweep,curve,twopass,examples,gla,gla_bwd")
     ap.add_argument("--peers", default="acc,torch")
     ap.add_argument("--gla-configs", type=int, default=4)
     ap.add_argument("--examples", default="", help="comma-separated subset of the examples part")

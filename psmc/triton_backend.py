@@ -28,6 +28,11 @@ FORCE_CONFIG: tuple[int, int, int] | None = None
 # both strategies on small dims.
 FORCE_STRATEGY: str | None = None
 
+# Tokens per chunk for every scan launch instead of the launcher's choice between one pass and two
+# (`{op}_scan(chunk_t=...)`): 0 forces one pass, n > 0 two passes over chunks of n tokens (rounded
+# up to a multiple of BLOCK_T); tests set it with a small FORCE_CONFIG to run two passes on CPU.
+FORCE_CHUNK_T: int | None = None
+
 _MODULES: dict[tuple[int, bool, str | None], tuple[ir.Op, ModuleType]] = {}
 
 
@@ -110,10 +115,12 @@ class _Call:
         self.out_dtype = p.out_dtype
 
     def forward(self, inputs, initial, want_ckpt):
+        strategy = self.spec["strategy"]
+        chunking = dict(chunk_t=FORCE_CHUNK_T) if strategy == "scan" else {}
         with _quiet_if(self.interpret):
-            return getattr(self.mod, f"{self.name}_{self.spec['strategy']}")(
+            return getattr(self.mod, f"{self.name}_{strategy}")(
                 inputs, initial=initial, want_final=self.want_final, acc_dtype=self.acc,
-                out_dtype=self.out_dtype, config=FORCE_CONFIG, want_ckpt=want_ckpt)
+                out_dtype=self.out_dtype, config=FORCE_CONFIG, want_ckpt=want_ckpt, **chunking)
 
 
 class _ScanFunction(torch.autograd.Function):

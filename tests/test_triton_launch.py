@@ -64,12 +64,12 @@ def test_direct_launch_passes_what_triton_would(launcher_env):
     kernel, launch = FakeKernel(), mod._PsmcLauncher()
     x = fake_tensor(4096)
     constexprs = dict(BLOCK_T=64, num_warps=4, HAS_INIT=False)  # not in declaration order
-    launch(kernel, (7,), [x, 5, 100], constexprs)
-    assert kernel.slow_calls == [((7,), (x, 5, 100), constexprs)] and kernel.compiled.calls == []
-    launch(kernel, (7,), [x, 5, 100], constexprs)
+    launch(kernel, (7, 3), [x, 5, 100], constexprs)
+    assert kernel.slow_calls == [((7, 3), (x, 5, 100), constexprs)] and kernel.compiled.calls == []
+    launch(kernel, (7, 3), [x, 5, 100], constexprs)
     c = kernel.compiled
     assert len(kernel.slow_calls) == 1
-    assert c.calls == [(7, 1, 1, 1234, c.function, c.packed_metadata, None, None, None,
+    assert c.calls == [(7, 3, 1, 1234, c.function, c.packed_metadata, None, None, None,
                         x, 5, 100, False, 64)]
 
 

@@ -169,7 +169,7 @@ def kernel_signatures(op: ir.Op, input_dtype: str = "f32") -> list[tuple[str, di
     for f in spec["inputs"]:
         types[f"gx_{f['name']}_ptr"] = _PTR["f32"]
     for f in spec["state"]:
-        for role in ("init", "final", "ckpt", "gfinal"):
+        for role in ("init", "final", "ckpt", "gfinal", "tot"):
             types[f"{role}_{f['name']}_ptr"] = _PTR[f["dtype"]]
     if strategy(op, sop) == "recurrent":
         block_l = min(32, 1 << max(0, (sop.lane.size - 1).bit_length()))
@@ -185,7 +185,9 @@ def kernel_signatures(op: ir.Op, input_dtype: str = "f32") -> list[tuple[str, di
     tile = 1 << (16384 // max(1, spec["scalars"])).bit_length() - 1
     block_t = max(128, min(4096, tile))
     out = [(f"{op.name}_scan_kernel", types, {"HAS_INIT": True, "STORE_FINAL": True, "STORE_CKPT": True,
-                                              "ACC": "fp32", "BLOCK_L": 1, "BLOCK_T": block_t})]
+                                              "FROM_TOTALS": True, "ACC": "fp32", "BLOCK_L": 1,
+                                              "BLOCK_T": block_t, "BLOCK_C": 64}),
+           (f"{op.name}_chunk_totals_kernel", types, {"ACC": "fp32", "BLOCK_L": 1, "BLOCK_T": block_t})]
     adj, adjf, _ = backward_plan(sop)
     bw = {"HAS_GFINAL": True, "ACC": "fp32", "BLOCK_L": 1, "BLOCK_T": block_t}
     if adj is not None:

@@ -1,15 +1,21 @@
-"""Strategy `scan`: an associative op with a few scalars of state per lane, as one Triton kernel.
+"""Strategy `scan`: an associative op with a few scalars of state per lane, as Triton kernels.
 
 The kernel (templates/triton_scan.j2) gives each program a block of lanes (independent sequences)
-and walks T in blocks: loads the block's tokens (any strides, any float dtype, upcast in
-registers), applies `lift` (fused into the load), scans the block with `tl.associative_scan` over
-the tuple of state scalars, folds in the carry from earlier blocks, applies `output` (fused into
-the store) and keeps the block's last prefix as the next carry. Positions past T become the
-identity, so after the loop the carry is the state after token T - 1: the final state.
+and a chunk of T, and walks the chunk in blocks: loads the block's tokens (any strides, any float
+dtype, upcast in registers), applies `lift` (fused into the load), scans the block with
+`tl.associative_scan` over the tuple of state scalars, folds in the carry from earlier blocks,
+applies `output` (fused into the store) and keeps the block's last prefix as the next carry.
+Positions past T become the identity, so after the loop the carry is the state after the chunk's
+last token: the final state for the last chunk.
 
-The launcher (`{op}_scan`, in templates/triton_launch.j2) reads every tensor's strides, folds the
+One pass is one chunk: all of T per program. When lanes are too few to fill the GPU, the launcher
+runs two passes: `{op}_chunk_totals_kernel` stores the total of every (lanes, chunk) with the same
+block scan and no outputs, then `{op}_scan_kernel` with FROM_TOTALS starts each chunk's carry from
+the ordered fold of the totals before it (see `_psmc_chunking` in templates/triton_prelude.j2).
+
+The launcher (`{op}_scan`, in templates/triton_launch_scan.j2) reads every tensor's strides, folds the
 batch into at most three lane axes (outer o0, o1 and the inner, per-program axis) without copying,
-and picks block sizes.
+and picks block sizes and chunks.
 """
 
 from __future__ import annotations
@@ -149,6 +155,9 @@ def generate(op: ir.Op, sop: S.ScalarOp | None = None) -> str:
     arg_groups += [tensor_args(f"init_{f.name}", f, False) for f in sop.state]
     arg_groups += [tensor_args(f"final_{f.name}", f, False) for f in sop.state]
     arg_groups += [tensor_args(f"ckpt_{f.name}", f, True) for f in sop.state]
+    tot_groups = [tensor_args(f"tot_{f.name}", f, True) for f in sop.state]
+    totals_arg_groups = arg_groups[:len(sop.inputs)] + tot_groups
+    arg_groups += tot_groups
 
     def base(prefix: str) -> str:
         return (f"{prefix}_base = {prefix}_ptr + o0 * {prefix}_so0 + o1 * {prefix}_so1 "
@@ -162,18 +171,27 @@ def generate(op: ir.Op, sop: S.ScalarOp | None = None) -> str:
     time_offsets += [f"out_{f.name}_t = out_{f.name}_base + t[None, :] * out_{f.name}_st"
                      for f in sop.outputs]
 
-    loads = []
-    for f in sop.inputs:
-        for s in sop.slots(f):
-            if f"x_{s.name}" not in used_inputs:
-                continue
-            ptr = _plus(f"in_{f.name}_t", _field_offset(f"in_{f.name}", f, s))
-            cast = ".to(ACC)" if ir.is_float(f.dtype) and f.dtype != "f64" else ""
-            loads.append(f"x_{s.name} = tl.load({ptr}, mask=mask, other=0){cast}")
+    def input_loads(used: set[str]) -> list[str]:
+        out = []
+        for f in sop.inputs:
+            for s in sop.slots(f):
+                if f"x_{s.name}" not in used:
+                    continue
+                ptr = _plus(f"in_{f.name}_t", _field_offset(f"in_{f.name}", f, s))
+                cast = ".to(ACC)" if ir.is_float(f.dtype) and f.dtype != "f64" else ""
+                out.append(f"x_{s.name} = tl.load({ptr}, mask=mask, other=0){cast}")
+        return out
+
+    loads = input_loads(used_inputs)
+    # pass 1 of two reads only what `lift` reads
+    lift_used = {sym.name for a in sop.lift.assigns for sym in a.expr.free_symbols}
+    lift_fields = [f for f in sop.inputs if any(f"x_{s.name}" in lift_used for s in sop.slots(f))]
+    lift_loads = input_loads(lift_used)
 
     lift = _assign_lines(sop, sop.lift.assigns, slots, "e", "u", lambda s: (
         state_dtype(s.dtype), _literal(sop.identity_value(s))))
     init_loads, fills, finals, ckpts = [], [], [], []
+    totals_bases, totals_loads, totals_stores = [], [], []
     for f in sop.state:
         for s in sop.slots(f):
             dt = state_dtype(s.dtype)
@@ -189,6 +207,13 @@ def generate(op: ir.Op, sop: S.ScalarOp | None = None) -> str:
                          f"+ lanes64 * ckpt_{f.name}_sl + (start // BLOCK_T) * ckpt_{f.name}_st",
                          _field_offset(f"ckpt_{f.name}", f, s))
             ckpts.append(f"tl.store({cptr}, tl.reshape(c_{s.name}, [BLOCK_L]), mask=lane_ok)")
+            tptr = _plus(f"tot_{f.name}_base + k[None, :] * tot_{f.name}_st", _field_offset(f"tot_{f.name}", f, s))
+            totals_loads.append(f"p_{s.name} = tl.load({tptr}, mask=before, other={ident}).to({dt})")
+            tptr = _plus(f"tot_{f.name}_ptr + o0 * tot_{f.name}_so0 + o1 * tot_{f.name}_so1 "
+                         f"+ lanes64 * tot_{f.name}_sl + chunk * tot_{f.name}_st",
+                         _field_offset(f"tot_{f.name}", f, s))
+            totals_stores.append(f"tl.store({tptr}, tl.reshape(c_{s.name}, [BLOCK_L]), mask=lane_ok)")
+        totals_bases.append(base(f"tot_{f.name}"))
 
     out = _assign_lines(sop, sop.output.assigns, sop.output_slots, "y", "v", None)
     stores = []
@@ -215,6 +240,10 @@ def generate(op: ir.Op, sop: S.ScalarOp | None = None) -> str:
                  f"{', '.join(f'c_{s.name}' for s in slots)}, {', '.join(f'f_{s.name}' for s in slots)})")
     first += [f"e_{s.name} = tl.where(is_first, f_{s.name}, e_{s.name})" for s in slots]
 
+    def last(dst: str, where: str) -> list[str]:  # the tile's last prefix, as [BLOCK_L, 1]
+        return [f"{dst}_{s.name} = tl.reduce(tl.where({where}, s_{s.name}, 0), 1, _psmc_add, keep_dims=True)"
+                for s in slots]
+
     return render(
         "triton_scan.j2",
         first_lines=first,
@@ -223,11 +252,21 @@ def generate(op: ir.Op, sop: S.ScalarOp | None = None) -> str:
         combine_where=sop.where("combine"),
         combine_body=cbody,
         combine_returns=crets,
-        ckpt_stores=ckpts,
-        carry_updates=[f"c_{s.name} = tl.reduce(tl.where(is_last, s_{s.name}, 0), 1, _psmc_add, keep_dims=True)"
-                       for s in slots],
+        ckpt_block=["if STORE_CKPT:  # the state before this block, for the backward's recomputation"]
+        + [f"    {line}" for line in ckpts],
+        carry_updates=last("c", "is_last"),
         arg_groups=arg_groups,
+        totals_arg_groups=totals_arg_groups,
         bases=bases,
+        lift_bases=[base(f"in_{f.name}") for f in lift_fields],
+        lift_offsets=[f"in_{f.name}_t = in_{f.name}_base + t[None, :] * in_{f.name}_st" for f in lift_fields],
+        lift_loads=lift_loads,
+        totals_bases=totals_bases,
+        totals_loads=totals_loads,
+        totals_last=last("p", "k_last"),
+        totals_tuple=_tuple([f"p_{s.name}" for s in slots]),
+        totals_list=", ".join(f"p_{s.name}" for s in slots),
+        totals_stores=totals_stores,
         identity_where=f"{sop.path}:{sop.op.state[0].loc.line} state",
         init_loads=init_loads,
         identity_fills=fills,
