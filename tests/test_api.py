@@ -315,3 +315,17 @@ def test_state_of_another_op_is_rejected_with_a_call_error():
     expect_call_error(lambda: lin(a=a, b=b, initial_state=cs.init_state((2,))), "state")
     mix, agg = get("nonassoc_mix"), get("softmax_agg")
     expect_call_error(lambda: mix(u=torch.rand(2, 5, 3), initial_state=agg.init_state((2,))), "state")
+
+
+def test_validation_cache_never_skips_an_error():
+    """prepare() reuses what it derived for a signature it has seen; errors must still surface."""
+    op = example_op("linrec")
+    a, b = torch.rand(2, 9), torch.randn(2, 9)
+    torch.testing.assert_close(op(a=a, b=b), op(a=a, b=b, backend="reference"))
+    torch.testing.assert_close(op(a=a, b=b), op(a=a, b=b, backend="reference"))  # cached signature
+    with pytest.raises(PsmCallError, match="sequence length"):
+        op(a=a, b=torch.randn(2, 8))
+    with pytest.raises(PsmCallError, match="must be a torch.Tensor"):
+        op(a=a, b=[1.0] * 9)
+    with pytest.raises(PsmCallError, match="floating-point"):
+        op(a=a, b=torch.ones(2, 9, dtype=torch.int32))
