@@ -49,19 +49,24 @@ def module(op: ir.Op, interpret: bool) -> ModuleType:
     return mod
 
 
-_WHY_NOT: dict[tuple[int, bool, str | None], tuple[ir.Op, str | None]] = {}
+_PER_OP: dict[tuple, tuple[ir.Op, str | None]] = {}
+
+
+def _per_op(op: ir.Op, question, *args) -> str | None:
+    """`question(op, *args)`, asked once per op: the answers depend on the op alone (and on the
+    FORCE_STRATEGY that tests set), and every call asks them."""
+    key = (question, id(op), FORCE_STRATEGY) + args
+    hit = _PER_OP.get(key)
+    if hit is None or hit[0] is not op:
+        hit = _PER_OP[key] = (op, question(op, *args))
+    return hit[1]
 
 
 def why_not(psm, p) -> str | None:
     """Why the Triton path cannot take this call, or None."""
     if p.device.type not in ("cuda", "cpu"):
         return f"tensors on {p.device.type} (Triton runs CUDA tensors, or CPU ones interpreted)"
-    op, associative = psm.ir, psm.associative
-    key = (id(op), associative, FORCE_STRATEGY)  # the answer depends on the op alone: asked once
-    hit = _WHY_NOT.get(key)
-    if hit is None or hit[0] is not op:
-        hit = _WHY_NOT[key] = (op, _why_not_op(op, associative))
-    return hit[1]
+    return _per_op(psm.ir, _why_not_op, psm.associative)
 
 
 def _why_not_op(op: ir.Op, associative: bool) -> str | None:
@@ -211,18 +216,11 @@ def run(psm, p, initial, return_state: bool, strict: bool):
     return out, StreamState(p.batch_shape, owner(psm.spec), tokens=tokens, prefix=final)
 
 
-_BACKWARD_WHY_NOT: dict[tuple[int, str | None], tuple[ir.Op, str | None]] = {}
-
-
 def backward_why_not(psm, initial) -> str | None:
     """Why gradients cannot come from the derived backward kernels, or None."""
-    op = psm.ir
-    key = (id(op), FORCE_STRATEGY)
-    hit = _BACKWARD_WHY_NOT.get(key)
-    if hit is None or hit[0] is not op:
-        hit = _BACKWARD_WHY_NOT[key] = (op, _backward_why_not_op(op))
-    if hit[1] is not None:
-        return hit[1]
+    why = _per_op(psm.ir, _backward_why_not_op)
+    if why is not None:
+        return why
     if initial is not None and any(t.requires_grad for t in initial.prefix.values()):
         return "gradients with respect to the initial state are not generated"
     return None

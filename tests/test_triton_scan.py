@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from triton_cases import SCAN_OPS, assert_close, as_tuple, draw, load
+from triton_cases import SCAN_OPS, as_tuple, assert_close, draw, load, strided_linrec_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -59,10 +59,8 @@ def test_prefill_then_continue(name):
 def test_strided_and_broadcast_inputs_are_not_copied_wrongly():
     op = load("linrec")
     gen = torch.Generator().manual_seed(2)
-    a = torch.rand(40, 3, 5, dtype=torch.float64, generator=gen).permute(1, 2, 0)  # (3, 5, T) strided
-    b = torch.randn(5, 40, dtype=torch.float64, generator=gen)  # batch (5,) broadcast to (3, 5)
-    b_wide = torch.randn(3, 5, 80, dtype=torch.float64, generator=gen)[..., ::2]  # time stride 2
-    for bb in (b, b_wide):
+    a, bs = strided_linrec_inputs(gen)
+    for bb in bs:
         assert_close(op(a=a, b=bb, backend="triton"), op.reference(a=a, b=bb), what="linrec strided",
                      **TIGHT)
 

@@ -14,7 +14,7 @@ import torch
 from psmc import cache, triton_backend
 from psmc.codegen import triton as triton_codegen
 
-from triton_cases import SCAN_OPS, as_tuple, assert_close, draw, load
+from triton_cases import SCAN_OPS, as_tuple, assert_close, draw, load, strided_linrec_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -115,10 +115,8 @@ def test_a_fold_in_the_wrong_order_is_caught(name, mutate, two_pass, tmp_path):
 def test_strided_and_broadcast_inputs(two_pass):
     op = load("linrec")
     gen = torch.Generator().manual_seed(2)
-    a = torch.rand(40, 3, 5, dtype=torch.float64, generator=gen).permute(1, 2, 0)  # (3, 5, T) strided
-    b = torch.randn(5, 40, dtype=torch.float64, generator=gen)  # batch (5,) broadcast to (3, 5)
-    b_wide = torch.randn(3, 5, 80, dtype=torch.float64, generator=gen)[..., ::2]  # time stride 2
-    for bb in (b, b_wide):
+    a, bs = strided_linrec_inputs(gen)
+    for bb in bs:
         y, st = op(a=a, b=bb, backend="triton", return_state=True)
         ref, ref_st = op.reference(a=a, b=bb, return_state=True)
         assert_close(y, ref, what="linrec strided", **TIGHT)

@@ -36,6 +36,15 @@ def draw(op: psmc.PsmOp, lead: tuple[int, ...], dtype=torch.float64, gen=None) -
     return out
 
 
+def strided_linrec_inputs(gen: torch.Generator):
+    """linrec inputs the kernels must read through their strides: `a` (3, 5, T) permuted, and two
+    `b`s: batch (5,) broadcast to (3, 5), and a time stride of 2."""
+    a = torch.rand(40, 3, 5, dtype=torch.float64, generator=gen).permute(1, 2, 0)
+    b = torch.randn(5, 40, dtype=torch.float64, generator=gen)
+    b_wide = torch.randn(3, 5, 80, dtype=torch.float64, generator=gen)[..., ::2]
+    return a, (b, b_wide)
+
+
 def as_tuple(x):
     return x if isinstance(x, tuple) else (x,)
 
