@@ -15,6 +15,8 @@ from unittest import mock
 import pytest
 import torch
 
+from triton.knobs import HookChain
+
 from psmc import triton_backend
 
 from triton_cases import load
@@ -51,7 +53,8 @@ def fake_tensor(ptr: int):
 @pytest.fixture
 def launcher_env(monkeypatch):
     mod = triton_backend.module(load("linrec").ir, interpret=True)
-    runtime = SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None)
+    # Triton's own default: empty hook chains (None on older releases, tested below)
+    runtime = SimpleNamespace(launch_enter_hook=HookChain(), launch_exit_hook=HookChain())
     active = SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda device: 1234)
     fake_triton = SimpleNamespace(knobs=SimpleNamespace(runtime=runtime),
                                   runtime=SimpleNamespace(driver=SimpleNamespace(active=active)))
@@ -80,12 +83,18 @@ def test_direct_launch_falls_back_when_specialization_could_differ(launcher_env)
     launch(kernel, (3,), [fake_tensor(4096), 5, 100], constexprs)
     launch(kernel, (3,), [fake_tensor(4100), 5, 100], constexprs)  # not 16-byte aligned
     assert len(kernel.slow_calls) == 2 and kernel.compiled.calls == []
-    runtime.launch_enter_hook = lambda *a: None  # a profiler's hook must see every launch
+    runtime.launch_enter_hook.add(lambda *a: None)  # a profiler's hook must see every launch
     launch(kernel, (3,), [fake_tensor(8192), 5, 100], constexprs)
     assert len(kernel.slow_calls) == 3 and kernel.compiled.calls == []
-    runtime.launch_enter_hook = None
+    runtime.launch_enter_hook = lambda *a: None  # a bare callable (older Triton) likewise
     launch(kernel, (3,), [fake_tensor(8192), 5, 100], constexprs)
-    assert len(kernel.slow_calls) == 3 and len(kernel.compiled.calls) == 1
+    assert len(kernel.slow_calls) == 4 and kernel.compiled.calls == []
+    runtime.launch_enter_hook = None  # older Triton's empty slot
+    launch(kernel, (3,), [fake_tensor(8192), 5, 100], constexprs)
+    assert len(kernel.slow_calls) == 4 and len(kernel.compiled.calls) == 1
+    runtime.launch_enter_hook = HookChain()  # an emptied chain: direct again
+    launch(kernel, (3,), [fake_tensor(8192), 5, 100], constexprs)
+    assert len(kernel.slow_calls) == 4 and len(kernel.compiled.calls) == 2
 
 
 def test_cpu_tensors_always_take_triton_path(launcher_env):
