@@ -73,3 +73,34 @@ def test_compiled_module_runs_its_kernels_alone(build, name, cls, grad):
                        capture_output=True, text=True, timeout=300,
                        env={"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin", "HOME": str(build)})
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+BAD_BACKENDS = textwrap.dedent("""
+    import importlib, sys, torch
+    sys.path.insert(0, sys.argv[1])
+    mod = importlib.import_module("linrec")
+    op = mod.Linrec()
+    a, b = torch.rand(2, 5), torch.randn(2, 5)
+    for kwargs in ({"backend": "triton"}, {"backend": "tirton"}):
+        try:
+            op(a=a, b=b, **kwargs)
+        except mod.PsmCallError as e:
+            print("error:", e)
+    try:
+        op(a=a.to("meta"), b=b.to("meta"), backend="triton")
+    except mod.PsmCallError as e:
+        print("error:", e)
+    print(op(a=a, b=b).shape)  # the default still runs the torch code on CPU
+""")
+
+
+def test_compiled_module_says_when_its_kernels_cannot_run(build):
+    """backend="triton" without CUDA or the interpreter, or an unknown backend: a clear error."""
+    r = subprocess.run([sys.executable, "-c", BAD_BACKENDS, str(build)], capture_output=True, text=True,
+                       timeout=300, env={"PATH": "/usr/bin:/bin", "HOME": str(build)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert len(lines) == 4 and lines[-1] == "torch.Size([2, 5])", r.stdout
+    assert "TRITON_INTERPRET=1" in lines[0] and "backend='torch'" in lines[0]
+    assert "backend must be one of auto, triton, torch, reference, got 'tirton'" in lines[1]
+    assert "needs CUDA tensors" in lines[2] and "meta" in lines[2]
