@@ -18,7 +18,6 @@ from .standalone import Prepared, PsmCallError, StreamState
 
 _Prepared = Prepared  # the name kernel backends import
 
-BACKENDS = ("auto", "triton", "torch", "reference")
 
 
 class PsmOp(torch.nn.Module):
@@ -131,9 +130,7 @@ class PsmOp(torch.nn.Module):
 
     def _forward(self, *, return_state: bool = False, initial_state: StreamState | None = None,
                  backend: str | None = None, **inputs: torch.Tensor):
-        backend = backend or "auto"
-        if backend not in BACKENDS:
-            raise PsmCallError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        backend = standalone.check_backend(backend)
         self._check_bound()
         p = self._prepare(inputs)
         if backend == "triton" or (backend == "auto" and p.device.type == "cuda"):

@@ -53,6 +53,17 @@ class PsmCallError(ValueError):
     """Wrong inputs at call time (a missing field, a bad shape or dtype)."""
 
 
+BACKENDS = ("auto", "triton", "torch", "reference")
+
+
+def check_backend(backend: Optional[str]) -> str:
+    """The backend a call asked for (None means "auto"), or an error that lists the choices."""
+    backend = backend or "auto"
+    if backend not in BACKENDS:
+        raise PsmCallError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return backend
+
+
 # ---- streaming state -----------------------------------------------------------------------------
 
 @dataclass
