@@ -125,3 +125,14 @@ def test_softmax_attn_full_width_lanes():
     op = load("softmax_attn")
     x = draw(op, (5,), gen=torch.Generator().manual_seed(6))
     assert_close(op(**x, backend="triton"), op.reference(**x), what="softmax_attn D=64", **TIGHT)
+
+
+def test_printed_powers_keep_their_precedence():
+    """`a / b**2` must not print as `a/b * b` (which Python reads as (a / b) * b)."""
+    import sympy as sp
+
+    from psmc.codegen.triton_expr import texpr
+
+    a, b, c = sp.symbols("a b c")
+    for e in (a / b**2, a * b**3 / c, a / (b**2 * c), -a / b**4):
+        assert eval(texpr(e), {"a": 3.0, "b": 2.0, "c": 5.0}) == pytest.approx(float(e.subs({a: 3, b: 2, c: 5})))

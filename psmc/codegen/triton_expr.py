@@ -66,8 +66,8 @@ class TritonPrinter(StrPrinter):
             return f"tl.sqrt({self._print(b)})"
         if x == -sp.Rational(1, 2):
             return f"tl.rsqrt({self._print(b)})"
-        if x.is_Integer and 2 <= int(x) <= 4:
-            return " * ".join([base] * int(x))
+        if x.is_Integer and 2 <= int(x) <= 4:  # parenthesized: `a / b**2` prints as `a / (b * b)`
+            return "(" + " * ".join([base] * int(x)) + ")"
         if x.is_Integer and -4 <= int(x) <= -2:
             return "1.0 / (" + " * ".join([base] * -int(x)) + ")"
         return f"tl.exp({self._print(x)} * tl.log({self._print(b)}))"
