@@ -1,6 +1,6 @@
 """psmc on a GPU, side by side with its peers and the memory roofline, in one run.
 
-    python benchmarks/bench.py [--parts copy,linrec,sweep,curve,twopass,examples,backward,gla,gla_bwd] [--out DIR]
+    python benchmarks/bench.py [--parts copy,linrec,sweep,curve,twopass,examples,backward,wide_bwd,gla,gla_bwd] [--out DIR]
 
 Method (see the device notes' METHOD.md): medians of triton.testing.do_bench, inputs rotated
 among several sets whenever one set would fit in L2, random inputs (never zeros), every psmc result
@@ -32,6 +32,7 @@ import psmc  # noqa: E402
 from psmc import triton_backend  # noqa: E402
 
 RESULTS: dict = {"rows": [], "curve": [], "sweep": [], "notes": []}
+DEVICE = "cuda"  # a dry run of a part on the CPU (Triton's interpreter) may set "cpu"
 L2_BYTES = 64 << 20
 
 
@@ -326,6 +327,68 @@ def part_backward(args, copy_gbs):
             log("torch associative_scan backward failed:", repr(e)[:400])
 
 
+WIDE_SHAPES = {"s5": ({}, (256, 2048)), "softmax_attn": ({"D": 64}, (64, 4096))}  # dims, (B, T)
+
+
+def part_wide_bwd(args, copy_gbs):
+    """s5 and softmax_attn forward + backward through autograd: the derived backward kernels
+    (s5: one reverse scan of 25 shared coefficients and 25 values; softmax_attn: lane-free adjoints
+    as per-lane shares) vs autograd through psmc's torch path on the same GPU, gradients compared
+    first. Cases: --wide-cases op:dtype,... (s5:bf16 adds s5's recomputing backward, whose compile
+    is the slowest). Bytes: the forward reads the inputs and writes the outputs, the backward reads
+    the inputs and output gradients (and, for s5 in f32, the outputs) and writes input gradients."""
+    shapes = WIDE_SHAPES
+    dtypes = {"f32": torch.float32, "bf16": torch.bfloat16}
+    for case in args.wide_cases.split(","):
+        name, dt = case.split(":")
+        dims, (B, T) = shapes[name]
+        dtype = dtypes[dt]
+        op = example(name, **dims)
+        x = draw(op, (B, T), device=DEVICE)
+        if name == "s5":  # permutation matrices, as meant: long products stay well scaled
+            x["P"] = torch.nn.functional.one_hot(torch.rand(B, T, 5, device=DEVICE).argsort(-1), 5).float()
+        x = {k: v.to(dtype) for k, v in x.items()}
+        leaves = list(x.values())
+        gy = torch.randn((B, T) + op.ir.outputs[0].type.shape, device=DEVICE, dtype=dtype)
+        shape = f"({B}, {T}){' D=' + str(dims['D']) if dims else ''} {dt} fwd+bwd"
+        spy = {"calls": 0}
+        mod = triton_backend.module(op.ir, interpret=DEVICE != "cuda")
+        inner = getattr(mod, f"{name}_backward")
+
+        def counted(*a, **k):
+            spy["calls"] += 1
+            return inner(*a, **k)
+
+        def fb(backend):
+            def run():
+                y = op(**{k: v.requires_grad_(True) for k, v in x.items()}, backend=backend)
+                return torch.autograd.grad(y, leaves, gy)
+            return run
+
+        try:
+            t0 = time.time()
+            setattr(mod, f"{name}_backward", counted)
+            got = fb("triton")()
+            assert spy["calls"] == 1, "the derived backward kernel did not run"
+            log(f"{case}: first fwd+bwd (compiles, autotunes the forward) {time.time() - t0:.1f} s")
+            want = fb("torch")()
+            errs = {k: rel_err(g, w) for k, g, w in zip(x, got, want)}
+            log(f"{case}: grads rel diff kernel vs torch path " + ", ".join(f"{k} {e:.1e}" for k, e in errs.items()))
+            assert all(e < (1e-4 if dt == "f32" else 3e-2) for e in errs.values()), errs
+            ys = op(**x)
+            ys = ys if isinstance(ys, tuple) else (ys,)
+            moved = 2 * nbytes(*leaves) + 2 * nbytes(*ys) + nbytes(gy) + (nbytes(*ys) if dt == "f32" else 0)
+            ms = median_ms(fb("triton"), rep=50)
+            row(f"{name} fwd+bwd", shape, "psmc (derived backward kernel)", ms, moved, copy_gbs)
+            ms = median_ms(fb("torch"), rep=20)
+            row(f"{name} fwd+bwd", shape, "psmc torch path (autograd)", ms, moved, copy_gbs)
+        except Exception as e:  # noqa: BLE001
+            RESULTS["notes"].append(f"{case} backward failed: {e!r}")
+            log(f"{case} backward failed: {e!r}"[:500])
+        finally:
+            setattr(mod, f"{name}_backward", inner)
+
+
 def part_diagnose(args, copy_gbs):
     """linrec training: forward with checkpoints and each backward variant timed alone, and a
     profile of one forward + backward through autograd."""
@@ -577,10 +640,12 @@ def plot(out: Path):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--parts", default="copy,linrec,backward,sweep,curve,twopass,examples,gla,gla_bwd")
+    ap.add_argument("--parts", default="copy,linrec,backward,wide_bwd,sweep,curve,twopass,examples,gla,gla_bwd")
     ap.add_argument("--peers", default="acc,torch")
     ap.add_argument("--gla-configs", type=int, default=4)
     ap.add_argument("--examples", default="", help="comma-separated subset of the examples part")
+    ap.add_argument("--wide-cases", default="s5:f32,softmax_attn:f32,softmax_attn:bf16",
+                    help="op:dtype cases of the wide_bwd part")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args()
     out = Path(args.out)

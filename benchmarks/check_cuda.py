@@ -3,6 +3,12 @@ reference on the CPU (forward, gradients, prefill + step), and a compiled module
 
     python3 benchmarks/check_cuda.py            # prints one row per example, then "all ok"
     python3 benchmarks/check_cuda.py --cpu      # the same on the CPU (torch paths): a dry run
+
+The gradient column compares the default path with autograd through the torch path; the `bwd`
+column says which backward the default path ran: `kernel` (the derived backward kernel of the
+op's generated module), `torch`, or `tree` (the tree backend's reverse kernels). On CUDA every
+associative example with float inputs must say `kernel` (gla16: GLA at K = V = 16, which runs
+strategy scan; gla and mlstm at their sizes here run strategy recurrent).
 """
 
 from __future__ import annotations
@@ -24,7 +30,11 @@ import psmc  # noqa: E402
 from helpers import SMALL_DIMS, random_inputs  # noqa: E402
 
 DEVICE = "cpu" if "--cpu" in sys.argv else "cuda"  # --cpu: a dry run of the script itself
-DIMS = dict(SMALL_DIMS, softmax_attn={"D": 64}, gla={"K": 64, "V": 64}, mlstm={"K": 16, "V": 16})
+DIMS = dict(SMALL_DIMS, softmax_attn={"D": 64}, gla={"K": 64, "V": 64}, mlstm={"K": 16, "V": 16},
+            gla16={"K": 16, "V": 16})
+# ops whose gradients must come from a derived backward kernel on CUDA
+KERNEL_BACKWARD = {"cumsum", "cummax", "logcumsumexp", "linrec", "rotation", "affine", "softmax_attn",
+                   "gla", "gla16", "mlstm", "s5"}
 
 
 def rel(a, b) -> float:
@@ -36,8 +46,40 @@ def tup(y):
     return y if isinstance(y, tuple) else (y,)
 
 
-def check(name: str) -> tuple[str, float, float, float, float]:
-    op = psmc.compile_file(ROOT / "examples" / f"{name}.psm", **DIMS.get(name, {}))[name]
+class _BackwardSpy:
+    """Counts calls of the derived backward launcher `{op}_backward` of the op's generated module
+    (what the autograd function calls), so a row can say which backward ran."""
+
+    def __init__(self, op):
+        from psmc import triton_backend
+
+        self.mod, self.calls = None, 0
+        if DEVICE == "cuda" and triton_backend.why_not(op, op._prepare(random_inputs(op, (1,), 2))) is None:
+            self.mod = triton_backend.module(op.ir, interpret=False)
+            self.name = f"{op.name}_backward"
+            self.inner = getattr(self.mod, self.name, None)
+
+    def __enter__(self):
+        if self.mod is not None and self.inner is not None:
+            def counted(*a, **k):
+                self.calls += 1
+                return self.inner(*a, **k)
+            setattr(self.mod, self.name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        if self.mod is not None and self.inner is not None:
+            setattr(self.mod, self.name, self.inner)
+
+    def path(self, op) -> str:
+        if not op.associative:
+            return "tree"
+        return "kernel" if self.calls else "torch"
+
+
+def check(label: str) -> tuple[str, float, float, float, float, str]:
+    name = "gla" if label == "gla16" else label
+    op = psmc.compile_file(ROOT / "examples" / f"{name}.psm", **DIMS.get(label, {}))[name]
     t0 = time.perf_counter()
     fwd = 0.0
     # two input sets of one shape: the second call reuses the first's launch plan (the direct
@@ -61,18 +103,20 @@ def check(name: str) -> tuple[str, float, float, float, float]:
         steps.append(tup(y)[0])
     step_err = rel(torch.stack(steps, 1), want[0][:, 295:]) if want[0].is_floating_point() else 0.0
     # gradients: default path vs the torch path, both on CUDA
-    grad_err = float("nan")
+    grad_err, path = float("nan"), "-"
     floats = [k for k, v in x.items() if v.is_floating_point()]
     if floats and op.ir.outputs[0].type.dtype.startswith("f"):
         grad_err = 0.0
-        for scale in (1.0, 0.5):  # twice: the second backward reuses its launch plan
-            xs = {k: (v * scale if k in floats else v) for k, v in x.items()}
-            xa = {k: v.clone().requires_grad_(k in floats) for k, v in xs.items()}
-            tup(op(**xa))[0].pow(2).mean().backward()
-            xb = {k: v.clone().requires_grad_(k in floats) for k, v in xs.items()}
-            tup(op(**xb, backend="torch"))[0].pow(2).mean().backward()
-            grad_err = max(grad_err, max(rel(xa[k].grad, xb[k].grad) for k in floats))
-    return name, fwd, grad_err, step_err, time.perf_counter() - t0
+        with _BackwardSpy(op) as spy:
+            for scale in (1.0, 0.5):  # twice: the second backward reuses its launch plan
+                xs = {k: (v * scale if k in floats else v) for k, v in x.items()}
+                xa = {k: v.clone().requires_grad_(k in floats) for k, v in xs.items()}
+                tup(op(**xa))[0].pow(2).mean().backward()
+                xb = {k: v.clone().requires_grad_(k in floats) for k, v in xs.items()}
+                tup(op(**xb, backend="torch"))[0].pow(2).mean().backward()
+                grad_err = max(grad_err, max(rel(xa[k].grad, xb[k].grad) for k in floats))
+        path = spy.path(op)
+    return label, fwd, grad_err, step_err, time.perf_counter() - t0, path
 
 
 def check_compiled_module() -> float:
@@ -95,19 +139,21 @@ def check_compiled_module() -> float:
 
 def main() -> int:
     names = ["cumsum", "cummax", "logcumsumexp", "linrec", "rotation", "affine", "softmax_attn",
-             "gla", "mlstm", "s5", "cumcount", "nonassoc_mix", "softmax_agg"]
-    print(f"{'op':14s} {'fwd rel':>10s} {'grad rel':>10s} {'step rel':>10s} {'s':>6s}", flush=True)
+             "gla", "gla16", "mlstm", "s5", "cumcount", "nonassoc_mix", "softmax_agg"]
+    print(f"{'op':14s} {'fwd rel':>10s} {'grad rel':>10s} {'bwd':>6s} {'step rel':>10s} {'s':>6s}", flush=True)
     ok = True
     for n in names:
         try:
-            name, f, g, s, t = check(n)
+            name, f, g, s, t, path = check(n)
         except Exception as e:  # report and go on: one broken op must not hide the others
             print(f"{n:14s} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
             ok = False
             continue
         bad = f > 1e-4 or s > 1e-4 or (g == g and g > 1e-3)
-        ok &= not bad
-        print(f"{name:14s} {f:10.2e} {g:10.2e} {s:10.2e} {t:6.1f}{'  <-- too large' if bad else ''}", flush=True)
+        wrong_path = DEVICE == "cuda" and name in KERNEL_BACKWARD and path != "kernel"
+        ok &= not bad and not wrong_path
+        note = "  <-- too large" if bad else "  <-- not the derived kernel" if wrong_path else ""
+        print(f"{name:14s} {f:10.2e} {g:10.2e} {path:>6s} {s:10.2e} {t:6.1f}{note}", flush=True)
     m = check_compiled_module()
     print(f"compiled linrec module on CUDA: fwd/grad rel {m:.2e}", flush=True)
     ok &= m < 1e-4

@@ -65,6 +65,6 @@ def test_low_precision_input_variant_compiles():
 
 def test_two_pass_kernels_are_among_those_compiled():
     """The chunk-totals kernel and the scan kernel's fix-up branch (FROM_TOTALS) are compiled too."""
-    sigs = {name: consts for name, _, consts in triton_codegen.kernel_signatures(load("cumcount").ir)}
+    sigs = {name: consts for name, _, consts, _ in triton_codegen.kernel_signatures(load("cumcount").ir)}
     assert "cumcount_chunk_totals_kernel" in sigs
     assert sigs["cumcount_scan_kernel"]["FROM_TOTALS"] is True

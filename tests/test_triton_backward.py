@@ -1,11 +1,16 @@
 """The derived backward (reverse-scan kernels) under TRITON_INTERPRET, against torch autograd
-through `op.reference` in float64."""
+through `op.reference` in float64.
+
+`backend="triton"` refuses (PsmCallError) a call whose gradients the derived kernels do not cover,
+so every gradient compared here came from them, not from the torch path.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import psmc
 from psmc import triton_backend
 from psmc.errors import PsmCallError
 
@@ -86,33 +91,130 @@ def test_low_precision_gradients_come_back_in_the_input_dtype():
 
 
 def test_ops_without_a_derived_backward_say_so_or_fall_back():
+    """Gradients of the initial state are not generated: backend="triton" says so, and the default
+    backend on CPU takes the torch path, autograd included."""
     op = load("s5")
-    x = {k: v.requires_grad_() for k, v in draw(op, (2, 5)).items()}
-    with pytest.raises(PsmCallError, match="derived backward"):
-        op(**x, backend="triton")
-    y = op(**x)  # auto on CPU: the torch path, with autograd
-    y.sum().backward()
-    assert x["P"].grad is not None
+    x = draw(op, (2, 5), gen=torch.Generator().manual_seed(19))
+    _, st = op(**x, return_state=True)
+    for v in st.prefix.values():
+        v.requires_grad_(True)
+    with pytest.raises(PsmCallError, match="initial state"):
+        op(**x, initial_state=st, backend="triton")
+    op(**x, initial_state=st).sum().backward()
+    assert st.prefix["M"].grad is not None
 
 
-@pytest.mark.parametrize("name", ["linrec", "cummax", "rotation", "affine"])
-def test_states_read_from_outputs_equal_recomputed_states(name):
-    """Where outputs are states (y = s.h), the backward reads them instead of recomputing."""
-    op = load(name)
+# A float input whose gradient does not flow through the (integer) state: no adjoint to scan.
+GATED = """
+op gated {
+  expect associative
+  input  x: f32, c: i32 in [0, 3]
+  state  n: i64 = 0
+  lift(x)       { n = i64(x.c) }
+  combine(l, r) { n = l.n + r.n }
+  output(s, x)  { y = x.x * f32(s.n) }
+}
+"""
+
+
+def test_gradients_that_bypass_an_integer_state():
+    op = psmc.compile_source(GATED)["gated"]
     mod = triton_backend.module(op.ir, interpret=True)
-    spec = getattr(mod, f"{name.upper()}_SPEC")
-    assert spec["backward"]["saved"], spec["backward"]
-    x = draw(op, (2, 30), gen=torch.Generator().manual_seed(12))
-    outs, _, saved = getattr(mod, f"{name}_scan")(x, want_ckpt=True, config=(2, 8, 1))
-    names = [f["name"] for f in spec["outputs"]]
-    gy = {n: torch.randn_like(o) for n, o in zip(names, outs)}
-    back = getattr(mod, f"{name}_backward")
-    from_outputs = back(x, gy, saved, outputs=dict(zip(names, outs)))
-    recomputed = back(x, gy, saved)
-    for k in recomputed:
-        torch.testing.assert_close(from_outputs[k], recomputed[k], rtol=1e-12, atol=1e-12)
+    assert mod.GATED_SPEC["backward"]["scalars"] == 0  # no adjoint scan
+    check(op, draw(op, (2, 9), gen=torch.Generator().manual_seed(20)))
 
 
-def test_outputs_that_are_not_states_mean_recomputation():
-    mod = triton_backend.module(load("logcumsumexp").ir, interpret=True)
-    assert mod.LOGCUMSUMEXP_SPEC["backward"]["saved"] is None
+# ---- ops whose adjoint is wide (s5) or gathers over lanes (softmax_attn, gla, mlstm) ----------
+
+# s5: 150 adjoint scalars, five rows of 5 sharing their 25 coefficients. The others carry their
+# lane-free adjoints as per-lane shares. Small dims: the interpreter scans element by element.
+WIDE_OPS = [("s5", {}), ("softmax_attn", dict(D=4)), ("gla", dict(K=4, V=4)), ("mlstm", dict(K=3, V=4))]
+WIDE_IDS = [n for n, _ in WIDE_OPS]
+
+
+@pytest.mark.parametrize("name, dims", WIDE_OPS[:3], ids=WIDE_IDS[:3])
+@pytest.mark.parametrize("batch, T", [((), 1), ((3,), 7), ((), 33)], ids=["b-1", "b3-7", "b-33"])
+def test_wide_and_lane_gathering_gradients(name, dims, batch, T):
+    op = load(name, **dims)
+    check(op, draw(op, batch + (T,), gen=torch.Generator().manual_seed(T)))
+
+
+@pytest.mark.parametrize("name, dims", WIDE_OPS, ids=WIDE_IDS)
+def test_wide_gradients_over_blocks_and_the_final_state(name, dims, monkeypatch):
+    """BLOCK_T = 8 over T = 20 and 2 lanes a program: the reverse carry crosses blocks, and lane
+    dims of 4 take two blocks of lanes whose shares the launcher adds."""
+    monkeypatch.setattr(triton_backend, "FORCE_CONFIG", (2, 8, 1))
+    op = load(name, **dims)
+    check(op, draw(op, (2, 20), gen=torch.Generator().manual_seed(13)), final_weight=True)
+
+
+def test_kernel_specs_carry_lane_shares_where_the_adjoint_gathers():
+    specs = {n: getattr(triton_backend.module(load(n, **d).ir, interpret=True), f"{n.upper()}_SPEC")
+             for n, d in WIDE_OPS}
+    assert specs["s5"]["backward"]["partial"] == []
+    assert specs["softmax_attn"]["backward"]["partial"] == ["score"]
+    assert specs["gla"]["backward"]["partial"] == ["q", "k", "gk"]
+    assert specs["mlstm"]["backward"]["partial"] == ["q", "k", "i", "f"]
+
+
+def test_s5_gradients_of_transposed_and_time_strided_inputs():
+    """s5 is not commutative: a transposed P (non-contiguous field axes) and every other token."""
+    op = load("s5")
+    gen = torch.Generator().manual_seed(14)
+    P = (torch.rand(1, 14, 5, 5, dtype=torch.float64, generator=gen) * 0.4).transpose(-1, -2)[:, ::2]
+    assert not P.is_contiguous()
+    check(op, {"P": P})
+
+
+def test_softmax_attn_gradients_of_strided_broadcast_and_masked_inputs():
+    """Lanes not contiguous (v laid out (D, T, B)), a score shared over a batch axis, and -inf
+    scores (masked tokens; not the first, whose output would be 0 / 0)."""
+    op = load("softmax_attn", D=4)
+    gen = torch.Generator().manual_seed(15)
+    v = torch.randn(4, 11, 3, dtype=torch.float64, generator=gen).permute(2, 1, 0)
+    score = torch.randn(1, 11, dtype=torch.float64, generator=gen)
+    score[:, 3] = score[:, 7] = float("-inf")
+    check(op, {"score": score, "v": v})
+
+
+def test_lane_shares_with_batch_axes_that_do_not_fold():
+    """Three batch axes that no stride merges: the launcher copies, and the lane dim stays whole."""
+    op = load("softmax_attn", D=4)
+    gen = torch.Generator().manual_seed(16)
+    x = {"score": torch.randn(2, 2, 2, 4, dtype=torch.float64, generator=gen).permute(1, 0, 2, 3),
+         "v": torch.randn(2, 2, 2, 4, 4, dtype=torch.float64, generator=gen).transpose(0, 2)}
+    check(op, x)
+
+
+@pytest.mark.parametrize("name, dims, dtype", [("s5", {}, torch.float16), ("softmax_attn", dict(D=4), torch.bfloat16)])
+def test_wide_low_precision_gradients(name, dims, dtype):
+    op = load(name, **dims)
+    x = draw(op, (2, 12), dtype=dtype, gen=torch.Generator().manual_seed(17))
+    got, w = grads(op, x, "triton")
+    want, _ = grads(op, {k: v.double() for k, v in x.items()}, "reference", [v.double() for v in w])
+    for k in want:
+        assert got[k].dtype == dtype
+        torch.testing.assert_close(got[k].double(), want[k], rtol=3e-2, atol=3e-2)
+
+
+# 24 scalars of state, a 48-scalar final-state adjoint of 24 independent pairs: two packed scans.
+WIDE_LINREC = """
+op wide {
+  expect associative
+  input  a: f32[12] in [0, 1], b: f32[12]
+  state  g: f32[12] = 1, h: f32[12] = 0
+  lift(x)       { g = x.a; h = x.b }
+  combine(l, r) { g = l.g * r.g; h = r.g * l.h + r.h }
+  output(s, x)  { y = s.h }
+}
+"""
+
+
+def test_independent_adjoints_packed_into_several_scans(monkeypatch):
+    from psmc.codegen import adjoint, scalarize, triton_adjoint
+
+    op = psmc.compile_source(WIDE_LINREC)["wide"]
+    plan = triton_adjoint.scans(adjoint.derive(scalarize.scalarize(op.ir), final_grads=True))
+    assert [sum(len(g) for g in scan) for scan in plan] == [16, 8]
+    monkeypatch.setattr(triton_backend, "FORCE_CONFIG", (2, 8, 1))
+    check(op, draw(op, (1, 9), gen=torch.Generator().manual_seed(18)), final_weight=True)

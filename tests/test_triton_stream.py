@@ -43,7 +43,8 @@ def test_emit_targets_are_readable_python():
         assert needle in text, needle
     assert "def linrec_backward_kernel" in emit(op, "backward")
     assert "def linrec_step" in emit(op, "stream")
-    assert "no derived backward" in emit(load("s5").ir, "backward")
+    assert "def s5_backward_kernel" in emit(load("s5").ir, "backward")
+    assert "no derived backward kernel: it has no float inputs" in emit(load("cumcount").ir, "backward")
     with pytest.raises(ValueError):
         emit(op, "cuda")
 

@@ -11,8 +11,8 @@ With λ_t = dLoss/ds_t the adjoint is a *linear* recurrence backwards in time,
 and a linear recurrence is itself associative: its elements are affine maps λ ↦ A λ + c, composed
 like affine.psm's combine. Only what can be nonzero is carried:
 
-- *live* adjoints: λ_j is live if the outputs read s_j (c_j ≠ 0) or a live λ_i depends on it
-  (∂combine_i/∂l_j ≠ 0). Dead ones are zero for every input and are dropped. For linrec the
+- *live* adjoints: λ_j is live if s_j is a float, and the outputs read s_j (c_j ≠ 0) or a live
+  λ_i depends on it (∂combine_i/∂l_j ≠ 0). Dead ones are zero for every input and are dropped. For linrec the
   output reads h only and ∂h/∂l.g = 0, so λ_g is dead and the adjoint is one scalar recurrence:
   λ_t = gy_t + a_{t+1} λ_{t+1}, exactly the classic reverse scan.
 - the coefficient pattern: the entries of A that are structurally nonzero, closed under products
@@ -77,12 +77,13 @@ class Adjoint:
     # ---- structure ----
     @cached_property
     def live(self) -> list[S.Slot]:
-        n = len(self.slots)
-        live = {j for j in range(n) if self.final_grads or any(row[j] != 0 for row in self.Os)}
+        """Float state slots whose adjoint can be nonzero (integer states carry no gradient)."""
+        floats = [j for j, s in enumerate(self.slots) if ir.is_float(s.dtype)]
+        live = {j for j in floats if self.final_grads or any(row[j] != 0 for row in self.Os)}
         changed = True
         while changed:
             changed = False
-            for j in range(n):
+            for j in floats:
                 if j not in live and any(self.Jl[i][j] != 0 for i in live):
                     live.add(j)
                     changed = True
@@ -147,9 +148,10 @@ class Adjoint:
 
     @cached_property
     def crosses_lanes(self) -> bool:
-        """True when a lane-free adjoint gathers from lane quantities (a sum over lanes).
+        """True when a lane-free adjoint gathers from lane quantities (a sum over lanes):
+        softmax_attn's λ_m and λ_z gather (d o / d l.m)ᵀ λ_o from every lane of o.
 
-        The per-lane scan cannot express that; such ops need the sequential backward."""
+        A per-lane scan then carries such adjoints as per-lane shares (triton_adjoint.generate)."""
         sop = self.sop
         if sop.lane is None:
             return False
@@ -177,9 +179,36 @@ class Adjoint:
                     return True
         return False
 
-    def scan_scalars(self) -> int:
-        """How many scalars the adjoint scan carries: A's pattern plus the live vector."""
-        return len(self.pattern) + len(self.live)
+    @cached_property
+    def components(self) -> list[list[int]]:
+        """The live adjoints (indices into `live`) in groups that no coefficient couples: the
+        connected components of the pattern, each in `live` order, ordered by its first member.
+
+        Each group is a linear recurrence of its own, so it can be scanned on its own. s5's
+        adjoint is the 5 x 5 matrix λ with λ_t = gy_t + λ_{t+1} P_{t+1}ᵀ: every row of λ is
+        coupled within itself (25 coefficients) and to no other row, so one scan over all 25
+        would carry 125 coefficients and 25 values, five scans over the rows 25 + 5 each."""
+        parent = list(range(len(self.live)))
+
+        def root(a: int) -> int:
+            while parent[a] != a:
+                a = parent[a]
+            return a
+
+        for a, b in self.pattern:
+            parent[root(a)] = root(b)
+        groups: dict[int, list[int]] = {}
+        for a in range(len(self.live)):
+            groups.setdefault(root(a), []).append(a)
+        return sorted(groups.values())
+
+    def scan_scalars(self, group: list[int] | None = None) -> int:
+        """How many scalars the adjoint scan carries: A's pattern plus the live vector (restricted
+        to `group`, indices into `live`, when given)."""
+        if group is None:
+            return len(self.pattern) + len(self.live)
+        members = set(group)
+        return sum(1 for a, _ in self.pattern if a in members) + len(group)
 
     def needs(self, prefix: str) -> set[str]:
         """Slot names of symbols with this prefix that the derived expressions read."""

@@ -91,22 +91,27 @@ def sections(op: ir.Op, force: str | None = None) -> dict[str, str]:
         spec = dict(triton_scan.spec(sop), strategy="scan")
         adj, adjf, why = backward_plan(sop)
         saved = triton_adjoint.saved_states(sop, adj) if adj is not None else None
+        shares = triton_adjoint.lane_shares(adj, adjf)
         spec["backward"] = None if adj is None else dict(
-            triton_adjoint.spec(sop), final=adjf is not None,
+            triton_adjoint.spec(sop, shares), final=adjf is not None,
+            scalars=max(triton_adjoint.widest(a) for a in (adj, adjf) if a is not None),
             saved=None if saved is None else list(dict.fromkeys(f.name for f, _ in saved.values())))
         out["forward"] = _join(triton_scan.generate(op, sop),
                                render("triton_launch_scan.j2", name=name, path=sop.path,
                                       spec_name=spec_name, spec=literal(spec)))
         if adj is not None:
             same = adjf is not None and adjf.live == adj.live and adjf.pattern == adj.pattern
-            kernels = [triton_adjoint.generate(op, sop, adj)]
+            kernels = [triton_adjoint.generate(op, sop, adj, shares=shares)]
             if saved is not None:
-                kernels.append(triton_adjoint.generate(op, sop, adj, "_saved", saved))
+                kernels.append(triton_adjoint.generate(op, sop, adj, "_saved", saved, shares))
             if adjf is not None and not same:
-                kernels.append(triton_adjoint.generate(op, sop, adjf, "_final"))
+                kernels.append(triton_adjoint.generate(op, sop, adjf, "_final", shares=shares))
+            n_scans = len(triton_adjoint.scans(adj))
             summary = (f"a reverse scan over {len(adj.live)} live adjoint(s) "
                        f"({', '.join(s.name for s in adj.live)}), "
-                       + ("diagonal" if adj.diagonal else f"{len(adj.pattern)} coefficients") + ".")
+                       + ("diagonal" if adj.diagonal else f"{len(adj.pattern)} coefficients")
+                       + (f", in {n_scans} independent scans" if n_scans > 1 else "")
+                       + ("; lane-free adjoints as per-lane shares" if shares else "") + ".")
             kernel = f"{name}_backward_kernel"
             final = None if adjf is None else (kernel if same else f"{name}_backward_final_kernel")
             out["backward"] = _join(*kernels, render(
@@ -153,11 +158,14 @@ _PTR = {"f16": "*fp16", "bf16": "*bf16", "f32": "*fp32", "f64": "*fp64", "i32": 
         "i64": "*i64", "bool": "*i1"}
 
 
-def kernel_signatures(op: ir.Op, input_dtype: str = "f32") -> list[tuple[str, dict, dict]]:
-    """(kernel name, signature, constexprs) of every kernel of the op, for `triton.compile`.
+def kernel_signatures(op: ir.Op, input_dtype: str = "f32") -> list[tuple[str, dict, dict, int]]:
+    """(kernel name, signature, constexprs, num_warps) of every kernel of the op, for
+    `triton.compile`.
 
     Float inputs are typed `input_dtype` (f32, f16 or bf16: the kernels upcast in registers);
-    outputs and state are f32, integers as declared. Every optional branch is switched on.
+    outputs and state are f32, integers as declared. Every optional branch is switched on. Scan
+    kernels get 4 warps; their backward kernels the warps the backward launcher would give them
+    at that tile (`_PsmcBackwardPlan`: 8 elements a thread, 1 for a wide adjoint scan).
     """
     sop = S.scalarize(op)
     spec = triton_scan.spec(sop)
@@ -165,7 +173,7 @@ def kernel_signatures(op: ir.Op, input_dtype: str = "f32") -> list[tuple[str, di
     for f in spec["inputs"]:
         types[f"in_{f['name']}_ptr"] = _PTR[input_dtype if f["dtype"] in ("f16", "bf16", "f32") else f["dtype"]]
     for f in spec["outputs"]:
-        types[f"out_{f['name']}_ptr"] = types[f"gy_{f['name']}_ptr"] = _PTR[f["dtype"]]
+        types[f"out_{f['name']}_ptr"] = types[f"gy_{f['name']}_ptr"] = types[f"sy_{f['name']}_ptr"] = _PTR[f["dtype"]]
     for f in spec["inputs"]:
         types[f"gx_{f['name']}_ptr"] = _PTR["f32"]
     for f in spec["state"]:
@@ -175,26 +183,30 @@ def kernel_signatures(op: ir.Op, input_dtype: str = "f32") -> list[tuple[str, di
         block_l = min(32, 1 << max(0, (sop.lane.size - 1).bit_length()))
         out = [(f"{op.name}_recurrent_kernel", types,
                 {"HAS_INIT": True, "STORE_FINAL": True, "STORE_CKPT": True, "ACC": "fp32",
-                 "BLOCK_L": block_l, "STAGES": 2, "CKPT_T": 64})]
+                 "BLOCK_L": block_l, "STAGES": 2, "CKPT_T": 64}, 4)]
         if recurrent_backward_why_not(op, sop) is None:
             for f in spec["state"]:
                 types[f"work_{f['name']}_ptr"] = _PTR[f["dtype"]]
             out.append((f"{op.name}_recurrent_backward_kernel", types,
-                        {"HAS_GFINAL": True, "ACC": "fp32", "BLOCK_L": block_l, "CKPT_T": 64}))
+                        {"HAS_GFINAL": True, "ACC": "fp32", "BLOCK_L": block_l, "CKPT_T": 64}, 4))
         return out
     tile = 1 << (16384 // max(1, spec["scalars"])).bit_length() - 1
     block_t = max(128, min(4096, tile))
     out = [(f"{op.name}_scan_kernel", types, {"HAS_INIT": True, "STORE_FINAL": True, "STORE_CKPT": True,
                                               "FROM_TOTALS": True, "ACC": "fp32", "BLOCK_L": 1,
-                                              "BLOCK_T": block_t, "BLOCK_C": 64}),
-           (f"{op.name}_chunk_totals_kernel", types, {"ACC": "fp32", "BLOCK_L": 1, "BLOCK_T": block_t})]
+                                              "BLOCK_T": block_t, "BLOCK_C": 64}, 4),
+           (f"{op.name}_chunk_totals_kernel", types, {"ACC": "fp32", "BLOCK_L": 1, "BLOCK_T": block_t}, 4)]
     adj, adjf, _ = backward_plan(sop)
-    bw = {"HAS_GFINAL": True, "ACC": "fp32", "BLOCK_L": 1, "BLOCK_T": block_t}
     if adj is not None:
-        out.append((f"{op.name}_backward_kernel", types, bw))
+        bw = {"HAS_GFINAL": True, "ACC": "fp32", "BLOCK_L": 1, "BLOCK_T": block_t}
+        wide = max(triton_adjoint.widest(a) for a in (adj, adjf) if a is not None) > 32
+        warps = min(16, max(4, block_t // (32 * (1 if wide else 8))))
+        out.append((f"{op.name}_backward_kernel", types, bw, warps))
+        if triton_adjoint.saved_states(sop, adj) is not None:
+            out.append((f"{op.name}_backward_saved_kernel", types, bw, warps))
         same = adjf is not None and adjf.live == adj.live and adjf.pattern == adj.pattern
         if adjf is not None and not same:
-            out.append((f"{op.name}_backward_final_kernel", types, bw))
+            out.append((f"{op.name}_backward_final_kernel", types, bw, warps))
     return out
 
 
@@ -206,11 +218,11 @@ def compile_ahead(op: ir.Op, module, arch: int = 90, input_dtype: str = "f32") -
     from triton.compiler import ASTSource
 
     out = []
-    for name, types, constexprs in kernel_signatures(op, input_dtype):
+    for name, types, constexprs, warps in kernel_signatures(op, input_dtype):
         fn = getattr(module, name)
         consts = {k: (getattr(tl, {"fp32": "float32", "fp64": "float64"}[v]) if k == "ACC" else v)
                   for k, v in constexprs.items()}
         signature = {a: ("constexpr" if a in consts else types.get(a, "i32")) for a in fn.arg_names}
         src = ASTSource(fn, signature, constexprs=consts)
-        out.append(triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4}))
+        out.append(triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}))
     return out

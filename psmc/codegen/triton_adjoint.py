@@ -12,6 +12,19 @@ The states a token's Jacobians need are s_{t-1} and s_t. A tile cannot be shifte
 so s_{t-1} comes from a scan of the *previous* tokens' elements (loaded at t - 1: the same bytes,
 served by the cache) started from the checkpoint, and s_t = combine(s_{t-1}, e_t). Likewise the
 adjoint coefficient A_t = (∂combine/∂l)(s_t, e_{t+1})ᵀ reads token t + 1.
+
+Wide adjoints (see `scans`). The scan's tuple is the coefficient pattern plus the live adjoints;
+past MAX_ADJOINT_SCALARS it splits into the groups no coefficient couples (Adjoint.components).
+s5's adjoint is a 5 x 5 matrix whose rows are independent and share one transition, P_{t+1}ᵀ: as
+one scan 125 coefficients + 25 values, as five 25 + 5 each, with the coefficients shared 25 + 25.
+The shared form is one scan with a third of the arithmetic (each combine composes the coefficients
+once); on sm_90 both spill at s5's tile, the shared one somewhat more (README, figures). Structural
+zeros were already dropped: every entry of s5's λ is read by its output, so 25 are live.
+
+Lane shares (see `generate`). softmax_attn's m and z are lane-free, but their adjoints gather
+from every lane of o. Rather than a sequential backward (strategy recurrent's needs a lane dim to
+split, and walks T one token at a time) the reverse scan carries lane-free adjoints as per-lane
+shares summing to their values, which is exact because everything lane-free is linear in them.
 """
 
 from __future__ import annotations
@@ -27,18 +40,78 @@ from .triton_scan import _field_offset, _literal, _plus, _tuple, state_dtype, te
 
 # The adjoint scan carries the coefficient pattern and the live vector; above this, no kernel.
 MAX_ADJOINT_SCALARS = 32
+# A scan whose groups share their coefficients may carry this many (s5: 25 + 5 x 5).
+MAX_SHARED_SCALARS = 64
+
+
+def scans(adj: Adjoint) -> list[list[list[int]]]:
+    """The reverse scans the kernel runs. Each is a list of groups of live adjoints (indices into
+    `adj.live`) that have the same coefficients, which the scan then carries once.
+
+    One scan over all live adjoints when that fits in MAX_ADJOINT_SCALARS. Else the independent
+    groups (Adjoint.components), packed in order into scans of at most MAX_ADJOINT_SCALARS scalars
+    (the final-state adjoint of gla at K = V = 16, 64 scalars in 32 groups of 2, is two scans of
+    32); but groups with equal coefficients that are too large to share a scan that way share the
+    coefficients instead: s5's adjoint is the rows of λ, each with the transition P_{t+1}ᵀ
+    (25 coefficients and 5 values a row), one scan of 25 + 5 x 5 scalars rather than five of 30."""
+    everything = list(range(len(adj.live)))
+    if not everything:  # no gradient flows through the state: nothing to scan
+        return []
+    if adj.scan_scalars() <= MAX_ADJOINT_SCALARS:
+        return [[everything]]
+    classes: dict[tuple, list[list[int]]] = {}
+    for comp in adj.components:
+        classes.setdefault(_coefficients(adj, comp), []).append(comp)
+    out: list[list[list[int]]] = []
+    alone: list[list[int]] = []
+    for comps in classes.values():
+        big = 2 * adj.scan_scalars(comps[0]) > MAX_ADJOINT_SCALARS  # two would not fit one scan
+        if len(comps) > 1 and big and shared_scalars(adj, comps) <= MAX_SHARED_SCALARS:
+            out.append(comps)
+        else:
+            alone += comps
+    packed: list[list[int]] = []
+    for comp in sorted(alone):
+        if packed and adj.scan_scalars(packed[-1] + comp) <= MAX_ADJOINT_SCALARS:
+            packed[-1] = packed[-1] + comp
+        else:
+            packed.append(list(comp))
+    return sorted(out + [[g] for g in packed])
+
+
+def shared_scalars(adj: Adjoint, groups: list[list[int]]) -> int:
+    """Scalars of one scan over groups with equal coefficients: the coefficients once, then the
+    values of every group."""
+    return len(_local_pattern(adj, groups[0])) + sum(len(g) for g in groups)
+
+
+def widest(adj: Adjoint) -> int:
+    """Scalars of the widest scan the kernel runs (the launcher gives wide ones more warps)."""
+    return max((shared_scalars(adj, scan) for scan in scans(adj)), default=0)
+
+
+def _coefficients(adj: Adjoint, group: list[int]) -> tuple:
+    """What makes two groups' recurrences the same: the pattern and the coefficient expressions,
+    position by position within the group."""
+    entry = {(e.target.name, e.source.name): e.expr for e in adj.entries}
+    local = _local_pattern(adj, group)
+    names = [adj.live[a].name for a in group]
+    return tuple(local), tuple(entry[(names[a], names[b])] for a, b in local)
 
 
 def supported(adj: Adjoint) -> str | None:
     """Why the reverse-scan backward cannot be generated (None when it can)."""
-    if not adj.live:
-        return "no gradient flows through its state"
-    if adj.crosses_lanes:
-        return "its adjoint sums over lanes (a lane-free state depends on lane fields)"
-    if adj.scan_scalars() > MAX_ADJOINT_SCALARS:
-        return (f"its adjoint scan would carry {adj.scan_scalars()} scalars "
-                f"(at most {MAX_ADJOINT_SCALARS})")
+    for scan in scans(adj):
+        if len(scan) == 1 and adj.scan_scalars(scan[0]) > MAX_ADJOINT_SCALARS:
+            return (f"its adjoint scan would carry {adj.scan_scalars()} scalars, an independent part "
+                    f"of it {adj.scan_scalars(scan[0])} (at most {MAX_ADJOINT_SCALARS})")
     return None
+
+
+def lane_shares(*adjs: Adjoint | None) -> bool:
+    """Whether the kernels carry lane-free adjoints as per-lane shares (see generate): when a
+    lane-free adjoint gathers from lane quantities (Adjoint.crosses_lanes) in any of them."""
+    return any(a is not None and a.crosses_lanes for a in adjs)
 
 
 def _statements(targets: list[tuple[str, sp.Expr]], tmp: str) -> tuple[list[str], list[tuple[str, str, bool]]]:
@@ -69,35 +142,45 @@ def _lift_lines(sop: S.ScalarOp, x_prefix: str, out_prefix: str, tmp: str, cond:
     return lines
 
 
-def _adjoint_combine(adj: Adjoint) -> tuple[str, list[str], str]:
-    """Composition of the adjoint's affine maps restricted to the coefficient pattern."""
-    live = adj.live
-    P = sorted(adj.pattern)
-    Pset = set(P)
-    mname = {(a, b): f"M_{live[a].name}__{live[b].name}" for a, b in P}
-    vname = {a: f"v_{live[a].name}" for a in range(len(live))}
-    names = [mname[k] for k in P] + [vname[a] for a in range(len(live))]
-    params = ", ".join([f"l_{n}" for n in names] + [f"r_{n}" for n in names])
-    L = {n: S.sym(f"l_{n}") for n in names}
-    R = {n: S.sym(f"r_{n}") for n in names}
+def _adjoint_combine(mname: dict[tuple[int, int], str], vnames: list[list[str]]) -> tuple[str, list[str], str]:
+    """Composition of affine maps λ ↦ M λ + v restricted to the coefficient pattern (the keys of
+    `mname`, positions in a group), for one or more groups of values (`vnames`) sharing M."""
+    pattern = list(mname)
+    Pset = set(pattern)
+    n = len(vnames[0])
+    params_ = [mname[k] for k in pattern] + [v for group in vnames for v in group]
+    params = ", ".join([f"l_{p}" for p in params_] + [f"r_{p}" for p in params_])
+    L = {p: S.sym(f"l_{p}") for p in params_}
+    R = {p: S.sym(f"r_{p}") for p in params_}
     targets = []
-    for a, b in P:  # M = r.M @ l.M (r: the earlier token, applied last)
-        terms = [R[mname[(a, c)]] * L[mname[(c, b)]] for c in range(len(live))
+    for a, b in pattern:  # M = r.M @ l.M (r: the earlier token, applied last)
+        terms = [R[mname[(a, c)]] * L[mname[(c, b)]] for c in range(n)
                  if (a, c) in Pset and (c, b) in Pset]
         targets.append((mname[(a, b)], sp.Add(*terms)))
-    for a in range(len(live)):  # v = r.M @ l.v + r.v
-        terms = [R[mname[(a, c)]] * L[vname[c]] for c in range(len(live)) if (a, c) in Pset]
-        targets.append((vname[a], sp.Add(*terms) + R[vname[a]]))
+    for vname in vnames:  # v = r.M @ l.v + r.v
+        for a in range(n):
+            terms = [R[mname[(a, c)]] * L[vname[c]] for c in range(n) if (a, c) in Pset]
+            targets.append((vname[a], sp.Add(*terms) + R[vname[a]]))
     lines, outs = _statements(targets, "k")
-    lines += [f"{n} = {v}" for n, v, _ in outs]
-    rets = [f"{n}.to(l_{n}.dtype)" for n in names]
+    lines += [f"{p} = {v}" for p, v, _ in outs]
+    rets = [f"{p}.to(l_{p}.dtype)" for p in params_]
     return params, lines, _tuple(rets)
 
 
-def spec(sop: S.ScalarOp) -> dict:
+def _local_pattern(adj: Adjoint, group: list[int]) -> list[tuple[int, int]]:
+    """The pattern restricted to one group, in positions within the group."""
+    pos = {a: i for i, a in enumerate(group)}
+    return sorted((pos[a], pos[b]) for a, b in adj.pattern if a in pos)
+
+
+def spec(sop: S.ScalarOp, shares: bool = False) -> dict:
+    """What the backward launcher needs: float outputs (gy), float inputs (gx), and with lane
+    shares the lane-free inputs whose gradients come as one share per block of lanes."""
+    gx = [f for f in sop.inputs if ir.is_float(f.dtype)]
     return {
         "gy": [f.name for f in sop.outputs if ir.is_float(f.dtype)],
-        "gx": [f.name for f in sop.inputs if ir.is_float(f.dtype)],
+        "gx": [f.name for f in gx],
+        "partial": [f.name for f in gx if f.lane_axis is None] if shares else [],
     }
 
 
@@ -126,16 +209,26 @@ def saved_states(sop: S.ScalarOp, adj: Adjoint) -> dict[str, tuple[S.FieldInfo, 
 
 
 def generate(op: ir.Op, sop: S.ScalarOp, adj: Adjoint, suffix: str = "",
-             saved: dict[str, tuple[S.FieldInfo, S.Slot]] | None = None) -> str:
+             saved: dict[str, tuple[S.FieldInfo, S.Slot]] | None = None, shares: bool = False) -> str:
     """The backward kernel `{op}_backward{suffix}_kernel` for one derived adjoint; with `saved`
-    (see saved_states) the states come from the forward's outputs instead of a recomputation."""
+    (see saved_states) the states come from the forward's outputs instead of a recomputation.
+
+    With `shares` (see lane_shares) the programs' lanes are lanes of the op's lane dim, and every
+    lane-free adjoint is carried as one share per lane whose sum over the lanes is its value:
+    softmax_attn's λ_m gathers (d o / d l.m)ᵀ λ_o from every lane of o. The lane-free sources
+    (gradients of lane-free outputs and of the final state) enter at the dim's first lane only;
+    everything else is linear in the shares, with lane-free coefficients (a lane-free state never
+    reads a lane field, else the dim would not be a lane dim, so lane adjoints never read lane-free
+    ones). The gradient of a lane-free input is then the sum of its shares: each program sums its
+    lanes and stores one row per block of lanes, and the launcher adds the rows in a fixed order,
+    as the recurrent backward does.
+    """
     name = op.name
     slots = sop.state_slots
     live = adj.live
-    P = sorted(adj.pattern)
     float_inputs = [f for f in sop.inputs if ir.is_float(f.dtype)]
     float_outputs = [f for f in sop.outputs if ir.is_float(f.dtype)]
-    adj_params, adj_body, adj_rets = _adjoint_combine(adj)
+    shared_inputs = [f for f in float_inputs if shares and f.lane_axis is None]
 
     arg_groups = [tensor_args(f"in_{f.name}", f, True) for f in sop.inputs]
     arg_groups += [tensor_args(f"gy_{f.name}", f, True) for f in float_outputs]
@@ -145,14 +238,16 @@ def generate(op: ir.Op, sop: S.ScalarOp, adj: Adjoint, suffix: str = "",
     saved_fields = [] if saved is None else list(dict.fromkeys(f.name for f, _ in saved.values()))
     out_info = {f.name: f for f in sop.outputs}
     arg_groups += [tensor_args(f"sy_{n}", out_info[n], True) for n in saved_fields]
+    if shared_inputs:  # the stride between the rows of lane-block shares
+        arg_groups.append(", ".join(f"gx_{f.name}_sp" for f in shared_inputs))
 
     def base(prefix: str) -> str:
         return (f"{prefix}_base = {prefix}_ptr + o0 * {prefix}_so0 + o1 * {prefix}_so1 "
                 f"+ lanes64[:, None] * {prefix}_sl")
 
     timed = [f"in_{f.name}" for f in sop.inputs] + [f"gy_{f.name}" for f in float_outputs] \
-        + [f"gx_{f.name}" for f in float_inputs] + [f"ckpt_{f.name}" for f in sop.state] \
-        + [f"sy_{n}" for n in saved_fields]
+        + [f"gx_{f.name}" for f in float_inputs if f not in shared_inputs] \
+        + [f"ckpt_{f.name}" for f in sop.state] + [f"sy_{n}" for n in saved_fields]
     bases = [base(p) for p in timed]
     time_offsets = [f"{p}_t = {p}_base + t[None, :] * {p}_st" for p in timed if not p.startswith("ckpt")]
 
@@ -168,24 +263,36 @@ def generate(op: ir.Op, sop: S.ScalarOp, adj: Adjoint, suffix: str = "",
         now_needed = adj.needs("e")
     now_inputs = adj.needs("x") | {s.name[2:] for a in sop.lift.assigns if a.name in now_needed
                                    for s in a.expr.free_symbols}
-    loads = []
+    # A wide adjoint (several scans) defers what only the gradients read until after its scans,
+    # when its elements read no state: fewer values live across them (s5: the 25 states).
+    element_syms = {x.name for e in adj.entries for x in e.expr.free_symbols}
+    element_syms |= {x.name for c in adj.sources.values() for x in c.free_symbols}
+    defer = len(scans(adj)) > 1 or any(len(scan) > 1 for scan in scans(adj))
+    defer = defer and not any(n.startswith(("s_", "p_")) for n in element_syms)
+    loads, late_loads = [], []
     for f in sop.inputs:
         cast = ".to(ACC)" if ir.is_float(f.dtype) and f.dtype != "f64" else ""
         for s in sop.slots(f):
             off = _field_offset(f"in_{f.name}", f, s)
             here = _plus(f"in_{f.name}_t", off)
             if s.name in now_inputs:
-                loads.append(f"x_{s.name} = tl.load({here}, mask=mask, other=0){cast}")
+                (late_loads if defer and f"x_{s.name}" not in element_syms else loads).append(
+                    f"x_{s.name} = tl.load({here}, mask=mask, other=0){cast}")
             if s.name in lift_inputs:
-                loads.append(f"xp_{s.name} = tl.load({here} - in_{f.name}_st, mask=prev_ok, other=0){cast}")
+                (late_loads if defer else loads).append(
+                    f"xp_{s.name} = tl.load({here} - in_{f.name}_st, mask=prev_ok, other=0){cast}")
             if s.name in next_inputs:
                 loads.append(f"xn_{s.name} = tl.load({here} + in_{f.name}_st, mask=next_ok, other=0){cast}")
     for f in float_outputs:
         for s in sop.slots(f):
             ptr = _plus(f"gy_{f.name}_t", _field_offset(f"gy_{f.name}", f, s))
-            loads.append(f"gy_{s.name} = tl.load({ptr}, mask=mask, other=0).to(ACC)")
+            load = f"tl.load({ptr}, mask=mask, other=0).to(ACC)"
+            if shares and f.lane_axis is None:  # a lane-free source: the first lane's share
+                load = f"tl.where(lane0, {load}, 0.0)"
+            loads.append(f"gy_{s.name} = {load}")
 
     state_lines = []
+    next_lines = _lift_lines(sop, "xn", "n", "q", None, next_needed)
     ck_slots = sop.state_slots if saved is None else [s for s in sop.state_slots if s.name in adj.needs("p")]
     for f in sop.state:
         for s in sop.slots(f):
@@ -199,7 +306,8 @@ def generate(op: ir.Op, sop: S.ScalarOp, adj: Adjoint, suffix: str = "",
                           f"s_t (s_) of this block,\n        # recomputed from the checkpoint taken before it")
         state_lines += _lift_lines(sop, "xp", "p", "u", "prev_ok")
         state_lines += _lift_lines(sop, "x", "e", "w", "mask")
-        state_lines += _lift_lines(sop, "xn", "n", "q", None, next_needed)
+        next_at = len(state_lines)
+        state_lines += next_lines
         prev_tuple = _tuple([f"p_{s.name}" for s in slots])
         prev_list = ", ".join(f"p_{s.name}" for s in slots)
         # the first token's previous element is the identity: the checkpoint takes its place
@@ -220,34 +328,69 @@ def generate(op: ir.Op, sop: S.ScalarOp, adj: Adjoint, suffix: str = "",
             if k in adj.needs("s"):
                 state_lines.append(f"s_{k} = tl.load({here}, mask=mask, other=0).to(ACC)")
         state_lines += _lift_lines(sop, "x", "e", "w", "mask", now_needed)
-        state_lines += _lift_lines(sop, "xn", "n", "q", None, next_needed)
+        next_at = len(state_lines)
+        state_lines += next_lines
+    late_lines = []
+    if defer:  # lift(x_{t+1}) before the scans, the rest after them
+        late_lines = late_loads + state_lines[:next_at] + state_lines[next_at + len(next_lines):]
+        state_lines = next_lines
 
-    # adjoint elements
-    mname = {(a, b): f"M_{live[a].name}__{live[b].name}" for a, b in P}
-    vname = {a: f"v_{live[a].name}" for a in range(len(live))}
+    # adjoint elements, one reverse scan per entry of `scans`
     entry = {(e.target.name, e.source.name): e.expr for e in adj.entries}
-    targets = [(mname[(a, b)], entry.get((live[a].name, live[b].name), sp.S.Zero)) for a, b in P]
-    targets += [(vname[a], adj.sources[live[a].name]) for a in range(len(live))]
-    lines, outs = _statements(targets, "j")
-    adjoint_elements = list(lines)
-    for (n, v, const), key in zip(outs, P + [None] * len(live)):
-        if key is not None:
-            ident = "1.0" if key[0] == key[1] else "0.0"
+    plan = scans(adj)
+    combines: dict[tuple, tuple[str, str, list[str], str]] = {}  # (pattern, groups) -> function
+    scan_blocks = []
+    for k, groups in enumerate(plan):
+        local = _local_pattern(adj, groups[0])
+        members = [[live[a] for a in g] for g in groups]
+        first = members[0]
+        if len(plan) == 1 and len(groups) == 1:  # the combine's parameters: after the adjoints
+            fn_name = f"{name}_adjoint{suffix}_combine"
+            fn_m = {(a, b): f"M_{first[a].name}__{first[b].name}" for a, b in local}
+            fn_v = [[f"v_{m.name}" for m in first]]
+        else:  # after positions in a group: scans of one shape share one function
+            fn_name = f"{name}_adjoint{suffix}_combine" + (f"_{len(combines)}" if combines else "")
+            fn_m = {(a, b): f"M_{a}__{b}" for a, b in local}
+            fn_v = [[f"v_{a}" if len(groups) == 1 else f"v_{g}_{a}" for a in range(len(first))]
+                    for g in range(len(groups))]
+        key = (tuple(local), len(groups))
+        if key not in combines:
+            combines[key] = (fn_name, *_adjoint_combine(fn_m, fn_v))
+        # kernel variables: M named after the first group's adjoints, v after each adjoint
+        mname = {(a, b): f"M_{first[a].name}__{first[b].name}" for a, b in local}
+        targets = [(mname[(a, b)], entry[(first[a].name, first[b].name)]) for a, b in local]
+        targets += [(f"v_{m.name}", adj.sources[m.name]) for ms in members for m in ms]
+        lines, outs = _statements(targets, "j" if len(plan) == 1 else f"j{k}_")
+        elements = list(lines)
+        for (n, v, const), key in zip(outs, local + [None] * (len(outs) - len(local))):
             value = f"tl.full([BLOCK_L, BLOCK_T], {v}, ACC)" if const else v
-            adjoint_elements.append(f"{n} = tl.where(next_ok, {value}, {ident})")
-        else:
-            value = f"tl.full([BLOCK_L, BLOCK_T], {v}, ACC)" if const else v
-            adjoint_elements.append(f"{n} = tl.where(mask, {value}, 0.0)")
-    adj_names = [mname[k] for k in P] + [vname[a] for a in range(len(live))]
+            if key is not None:
+                ident = "1.0" if key[0] == key[1] else "0.0"
+                elements.append(f"{n} = tl.where(next_ok, {value}, {ident})")
+            else:
+                elements.append(f"{n} = tl.where(mask, {value}, 0.0)")
+        names_k = [mname[key] for key in local] + [f"v_{m.name}" for ms in members for m in ms]
 
-    # lam_t = v + M @ carry, then the carry moves to the block's first token
-    lam_lines = []
-    for a in range(len(live)):
-        terms = [f"{mname[(a, b)]} * lamc_{live[b].name}" for b in range(len(live)) if (a, b) in adj.pattern]
-        lam_lines.append(f"lam_{live[a].name} = {vname[a]} + " + " + ".join(terms))
-    for s in live:
-        lam_lines.append(f"lamc_{s.name} = tl.reduce(tl.where(is_first, lam_{s.name}, 0.0), 1, _psmc_add, "
-                         f"keep_dims=True)")
+        # lam_t = v + M @ carry, then the carry moves to the block's first token
+        lam_lines = []
+        for ms in members:
+            for a in range(len(ms)):
+                terms = [f"{mname[(a, b)]} * lamc_{ms[b].name}" for b in range(len(ms)) if (a, b) in mname]
+                lam_lines.append(f"lam_{ms[a].name} = v_{ms[a].name} + " + " + ".join(terms))
+        for ms in members:
+            for m in ms:
+                lam_lines.append(f"lamc_{m.name} = tl.reduce(tl.where(is_first, lam_{m.name}, 0.0), 1, "
+                                 f"_psmc_add, keep_dims=True)")
+        comment = None
+        if len(groups) > 1:
+            comment = (f"adjoints {', '.join(m.name for ms in members for m in ms)}: {len(groups)} groups "
+                       f"of {len(first)} with the same coefficients (M, named after the first group), "
+                       f"coupled to no other adjoint")
+        elif len(plan) > 1:
+            comment = (f"adjoints {', '.join(m.name for m in first)}: coupled to no other adjoint, "
+                       f"so scanned on their own")
+        scan_blocks.append(dict(comment=comment, elements=elements, tuple=_tuple(names_k),
+                                combine=combines[(tuple(local), len(groups))][0], lam_lines=lam_lines))
 
     ge = [(f"ge_{k}", v) for k, v in adj.element_grads.items()
           if any(S.sym(f"ge_{k}") in g.free_symbols for g in adj.input_grads.values())]
@@ -258,8 +401,15 @@ def generate(op: ir.Op, sop: S.ScalarOp, adj: Adjoint, suffix: str = "",
     stores = []
     for f in float_inputs:
         for s in sop.slots(f):
+            cast = f"gx_{f.name}_ptr.dtype.element_ty"
+            if f in shared_inputs:  # this block of lanes' share: one row
+                ptr = _plus(f"gx_{f.name}_ptr + o0 * gx_{f.name}_so0 + o1 * gx_{f.name}_so1 + lane_block * "
+                            f"gx_{f.name}_sp + t * gx_{f.name}_st", _field_offset(f"gx_{f.name}", f, s))
+                stores.append(f"tl.store({ptr}, tl.reduce(tl.where(mask, gx_{s.name}, 0.0), 0, _psmc_add)"
+                              f".to({cast}), mask=t < T)")
+                continue
             ptr = _plus(f"gx_{f.name}_t", _field_offset(f"gx_{f.name}", f, s))
-            stores.append(f"tl.store({ptr}, gx_{s.name}.to(gx_{f.name}_ptr.dtype.element_ty), mask=mask)")
+            stores.append(f"tl.store({ptr}, gx_{s.name}.to({cast}), mask=mask)")
 
     gfinal_loads, gfinal_zeros = [], []
     for f in sop.state:
@@ -268,7 +418,10 @@ def generate(op: ir.Op, sop: S.ScalarOp, adj: Adjoint, suffix: str = "",
                 continue
             ptr = _plus(f"gfinal_{f.name}_ptr + o0 * gfinal_{f.name}_so0 + o1 * gfinal_{f.name}_so1 "
                         f"+ lanes64 * gfinal_{f.name}_sl", _field_offset(f"gfinal_{f.name}", f, s))
-            gfinal_loads.append(f"lamc_{s.name} = tl.load({ptr}, mask=lane_ok, other=0).to(ACC)[:, None]")
+            load = f"tl.load({ptr}, mask=lane_ok, other=0).to(ACC)[:, None]"
+            if shares and f.lane_axis is None:  # a lane-free source: the first lane's share
+                load = f"tl.where(lane0, {load}, 0.0)"
+            gfinal_loads.append(f"lamc_{s.name} = {load}")
             gfinal_zeros.append(f"lamc_{s.name} = tl.full([BLOCK_L, 1], 0, ACC)")
     if not live:  # nothing flows back through the state
         gfinal_loads = gfinal_zeros = ["pass"]
@@ -277,10 +430,8 @@ def generate(op: ir.Op, sop: S.ScalarOp, adj: Adjoint, suffix: str = "",
         "triton_adjoint_scan.j2",
         name=name,
         kernel_name=f"{name}_backward{suffix}_kernel",
-        combine_name=f"{name}_adjoint{suffix}_combine",
-        adj_params=adj_params,
-        adj_body=adj_body,
-        adj_returns=adj_rets,
+        combines=list(combines.values()),
+        shares=shares,
         arg_groups=arg_groups,
         bases=bases,
         gfinal_loads=gfinal_loads,
@@ -290,11 +441,11 @@ def generate(op: ir.Op, sop: S.ScalarOp, adj: Adjoint, suffix: str = "",
         lift_where=sop.where("lift"),
         combine_where=sop.where("combine"),
         output_where=sop.where("output"),
-        states_comment=states_comment,
+        states_comment="lift(x_{t+1}) for the elements; the states follow the scans" if defer else states_comment,
         state_lines=state_lines,
-        adjoint_elements=adjoint_elements,
-        adj_tuple=_tuple(adj_names),
-        lam_lines=lam_lines,
+        late_comment=states_comment,
+        late_lines=late_lines,
+        scans=scan_blocks,
         grad_lines=grad_lines,
         stores=stores,
     )
