@@ -646,8 +646,18 @@ def main():
     ap.add_argument("--examples", default="", help="comma-separated subset of the examples part")
     ap.add_argument("--wide-cases", default="s5:f32,softmax_attn:f32,softmax_attn:bf16",
                     help="op:dtype cases of the wide_bwd part")
+    ap.add_argument("--wide-unshared", action="store_true",
+                    help="generate s5's backward as five scans of 30 instead of one sharing its "
+                         "coefficients (fewer spills, 3x the arithmetic; a fresh module cache)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args()
+    if args.wide_unshared:  # before any module is generated in this process
+        import tempfile
+
+        from psmc.codegen import triton as triton_codegen, triton_adjoint
+        triton_adjoint.MAX_SHARED_SCALARS = 0
+        triton_codegen.backward_plan.cache_clear()
+        os.environ["PSMC_CACHE_DIR"] = tempfile.mkdtemp(prefix="psmc-unshared-")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     parts = args.parts.split(",")

@@ -140,6 +140,7 @@ class _ScanFunction(torch.autograd.Function):
         outs, final, saved = call.forward(inputs, initial, want_ckpt=True)
         ckpt, config = saved if saved is not None else ({}, None)
         ctx.call, ctx.config = call, config
+        ctx.init_meta = [(t.shape, t.dtype) for t in tensors[n:]]  # the initial state's tensors
         ctx.ckpt_names = list(ckpt)
         saved_outs = (call.spec["backward"] or {}).get("saved") or []
         ctx.out_names = saved_outs
@@ -170,9 +171,14 @@ class _ScanFunction(torch.autograd.Function):
         gfinal = None
         if call.want_final and any(g is not None for g in grads[n_out:]):
             gfinal = dict(zip(call.state, grads[n_out:]))
+        want_init = call.has_init and any(ctx.needs_input_grad[1 + n:])
         with _quiet_if(call.interpret):
             gx = getattr(call.mod, f"{call.name}_backward")(raw, gy, (ckpt, ctx.config), gfinal,
-                                                             acc_dtype=call.acc, outputs=outputs)
+                                                             acc_dtype=call.acc, outputs=outputs,
+                                                             want_init=want_init)
+        ginit = {}
+        if want_init:
+            gx, ginit = gx
         out = []
         for name, t in raw.items():
             g = gx.get(name)
@@ -182,7 +188,10 @@ class _ScanFunction(torch.autograd.Function):
             if g.shape != t.shape:  # the input was broadcast over batch axes: sum them back
                 g = g.sum_to_size(t.shape)
             out.append(g.to(t.dtype))
-        return (None, *out, *([None] * (len(call.state) if call.has_init else 0)))
+        for name, (shape, dtype) in zip(call.state, ctx.init_meta):
+            g = ginit.get(name)  # None: not wanted, or an integer field
+            out.append(None if g is None else g.sum_to_size(shape).to(dtype))
+        return (None, *out)
 
 
 def run(psm, p, initial, return_state: bool, strict: bool):
@@ -191,7 +200,7 @@ def run(psm, p, initial, return_state: bool, strict: bool):
     why = why_not(psm, p)
     grad = why is None and _needs_grad(p, initial)
     if grad:
-        why = backward_why_not(psm, initial)
+        why = backward_why_not(psm)
     if why is not None:
         if strict:
             raise PsmCallError(f"{psm.name}: backend='triton' cannot run this call: {why}")
@@ -216,14 +225,10 @@ def run(psm, p, initial, return_state: bool, strict: bool):
     return out, StreamState(p.batch_shape, owner(psm.spec), tokens=tokens, prefix=final)
 
 
-def backward_why_not(psm, initial) -> str | None:
-    """Why gradients cannot come from the derived backward kernels, or None."""
-    why = _per_op(psm.ir, _backward_why_not_op)
-    if why is not None:
-        return why
-    if initial is not None and any(t.requires_grad for t in initial.prefix.values()):
-        return "gradients with respect to the initial state are not generated"
-    return None
+def backward_why_not(psm) -> str | None:
+    """Why gradients cannot come from the derived backward kernels, or None (the initial
+    state's gradients are generated as well)."""
+    return _per_op(psm.ir, _backward_why_not_op)
 
 
 def _backward_why_not_op(op: ir.Op) -> str | None:

@@ -14,7 +14,7 @@ import psmc
 from psmc import triton_backend
 from psmc.errors import PsmCallError
 
-from triton_cases import as_tuple, draw, load
+from triton_cases import as_tuple, draw, grads_from_state, load
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -90,18 +90,16 @@ def test_low_precision_gradients_come_back_in_the_input_dtype():
         torch.testing.assert_close(got[k].double(), want[k], rtol=3e-2, atol=3e-2)
 
 
-def test_ops_without_a_derived_backward_say_so_or_fall_back():
-    """Gradients of the initial state are not generated: backend="triton" says so, and the default
-    backend on CPU takes the torch path, autograd included."""
-    op = load("s5")
-    x = draw(op, (2, 5), gen=torch.Generator().manual_seed(19))
-    _, st = op(**x, return_state=True)
-    for v in st.prefix.values():
-        v.requires_grad_(True)
-    with pytest.raises(PsmCallError, match="initial state"):
-        op(**x, initial_state=st, backend="triton")
-    op(**x, initial_state=st).sum().backward()
-    assert st.prefix["M"].grad is not None
+def test_ops_without_a_derived_backward_say_so_or_fall_back(monkeypatch):
+    """Where the backward cannot be derived (here: as if), backend="triton" says why, and the
+    default backend takes the torch path, autograd included."""
+    monkeypatch.setattr(triton_backend, "_backward_why_not_op", lambda op: "a reason")
+    op = load("linrec")
+    x = {k: v.requires_grad_() for k, v in draw(op, (2, 5)).items()}
+    with pytest.raises(PsmCallError, match="cannot run this call: a reason"):
+        op(**x, backend="triton")
+    op(**x).sum().backward()
+    torch.testing.assert_close(x["b"].grad[:, -1], torch.ones(2, dtype=torch.float64))
 
 
 # A float input whose gradient does not flow through the (integer) state: no adjoint to scan.
@@ -137,15 +135,6 @@ WIDE_IDS = [n for n, _ in WIDE_OPS]
 def test_wide_and_lane_gathering_gradients(name, dims, batch, T):
     op = load(name, **dims)
     check(op, draw(op, batch + (T,), gen=torch.Generator().manual_seed(T)))
-
-
-@pytest.mark.parametrize("name, dims", WIDE_OPS, ids=WIDE_IDS)
-def test_wide_gradients_over_blocks_and_the_final_state(name, dims, monkeypatch):
-    """BLOCK_T = 8 over T = 20 and 2 lanes a program: the reverse carry crosses blocks, and lane
-    dims of 4 take two blocks of lanes whose shares the launcher adds."""
-    monkeypatch.setattr(triton_backend, "FORCE_CONFIG", (2, 8, 1))
-    op = load(name, **dims)
-    check(op, draw(op, (2, 20), gen=torch.Generator().manual_seed(13)), final_weight=True)
 
 
 def test_kernel_specs_carry_lane_shares_where_the_adjoint_gathers():
@@ -218,3 +207,39 @@ def test_independent_adjoints_packed_into_several_scans(monkeypatch):
     assert [sum(len(g) for g in scan) for scan in plan] == [16, 8]
     monkeypatch.setattr(triton_backend, "FORCE_CONFIG", (2, 8, 1))
     check(op, draw(op, (1, 9), gen=torch.Generator().manual_seed(18)), final_weight=True)
+
+
+# ---- the initial state ------------------------------------------------------------------------
+
+INIT_OPS = [("linrec", {})] + WIDE_OPS
+
+
+@pytest.mark.parametrize("name, dims", INIT_OPS, ids=[n for n, _ in INIT_OPS])
+def test_gradients_of_the_initial_state(name, dims, monkeypatch):
+    """A call that continues a stream: gradients of the inputs, of the state it starts from and
+    of the final state, over several blocks of T (BLOCK_T = 8) and, for lane dims of 4, two blocks
+    of lanes whose shares the launcher adds."""
+    monkeypatch.setattr(triton_backend, "FORCE_CONFIG", (2, 8, 1))
+    op = load(name, **dims)
+    batch = (1,) if name == "s5" else (2,)  # s5 is slow to interpret; its final-state kernel is the same
+    _, st = op.reference(**draw(op, batch + (4,), gen=torch.Generator().manual_seed(22)), return_state=True)
+    x = draw(op, batch + (13,), gen=torch.Generator().manual_seed(23))
+    for final in (True,) if name == "s5" else (False, True):
+        got = grads_from_state(op, x, st, "triton", final)
+        want = grads_from_state(op, x, st, "reference", final)
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-9, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("strategy", ["scan", "recurrent"])
+def test_gradients_of_the_initial_state_of_an_empty_call(strategy, monkeypatch):
+    """T = 0: the final state is the initial one, and so are their gradients."""
+    monkeypatch.setattr(triton_backend, "FORCE_STRATEGY", strategy)
+    op = load("gla", K=4, V=8)
+    _, st = op.reference(**draw(op, (3, 2)), return_state=True)
+    x = draw(op, (3, 0))
+    got = grads_from_state(op, x, st, "triton", final_weight=True)
+    want = grads_from_state(op, x, st, "reference", final_weight=True)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-12)

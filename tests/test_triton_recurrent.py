@@ -8,7 +8,7 @@ import torch
 from psmc import triton_backend
 from psmc.codegen import triton as triton_codegen
 
-from triton_cases import assert_close, draw, load
+from triton_cases import assert_close, draw, grads_from_state, load
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -85,8 +85,8 @@ def recurrent_backward(monkeypatch):
     monkeypatch.setattr(triton_backend, "FORCE_CONFIG", (2, 1, 1, 4))
     calls = []
 
-    def spy(psm, initial):
-        why = backward_why_not(psm, initial)
+    def spy(psm):
+        why = backward_why_not(psm)
         calls.append(why)
         return why
 
@@ -139,14 +139,20 @@ def test_recurrent_gradients_of_bf16_inputs(recurrent_backward):
         torch.testing.assert_close(got[k].double(), want[k], rtol=3e-2, atol=3e-2)
 
 
-def test_recurrent_initial_state_gradients_are_refused_clearly(recurrent_backward):
-    op = load("gla", K=4, V=8)
-    x = draw(op, (1, 5), gen=torch.Generator().manual_seed(4))
-    _, st = op(**x, backend="triton", return_state=True)
-    for v in st.prefix.values():
-        v.requires_grad_(True)
-    with pytest.raises(Exception, match="initial state"):
-        op(**x, backend="triton", initial_state=st)
+@pytest.mark.parametrize("name, dims", GRAD_CASES[1:], ids=[f"{n}-{'-'.join(map(str, d.values()))}" for n, d in GRAD_CASES[1:]])
+def test_recurrent_gradients_of_the_initial_state(name, dims, recurrent_backward):
+    """A call that continues a stream: the state it starts from gets its gradient too (lane-free
+    fields, gla's d and mlstm's g, m, n: summed over the programs' shares), with and without the
+    final state's."""
+    op = load(name, **dims)
+    _, st = op.reference(**draw(op, (2, 3), gen=torch.Generator().manual_seed(6)), return_state=True)
+    x = draw(op, (2, 10), gen=torch.Generator().manual_seed(7))
+    for final in (False, True):
+        got = grads_from_state(op, x, st, "triton", final)
+        want = grads_from_state(op, x, st, "reference", final)
+        assert recurrent_backward[-1] is None  # the derived kernel ran, not the torch path
+        for k in want:
+            assert_close(got[k], want[k], what=f"{name} grad {k}", rtol=1e-9, atol=1e-9)
 
 
 def test_backward_target_shows_the_recurrent_kernel():

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+import dataclasses
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -57,3 +58,24 @@ def assert_close(got, want, rtol: float, atol: float, what: str = "") -> None:
             torch.testing.assert_close(g, w, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
         else:
             assert torch.equal(g, w), what
+
+
+def grads_from_state(op, x, st, backend, final_weight=False):
+    """Gradients of the inputs and of the initial state (keys `init.<field>`) of a call that
+    continues from `st`, by backend; the loss weighs the outputs (and the final state)."""
+    leaves = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in x.items()}
+    init = {k: v.detach().clone().requires_grad_(v.is_floating_point()) for k, v in st.prefix.items()}
+    start = dataclasses.replace(st, prefix=init)
+    run = op.reference if backend == "reference" else partial(op, backend=backend)
+    y, fin = run(**leaves, initial_state=start, return_state=True)
+    gen = torch.Generator().manual_seed(21)
+    loss = sum((o * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum()
+               for o in as_tuple(y) if o.is_floating_point())
+    if final_weight:
+        loss = loss + sum((v * (i + 1.5)).sum() for i, v in enumerate(fin.prefix.values())
+                          if v.is_floating_point())
+    loss.backward()
+    grad = {k: v for k, v in leaves.items()} | {f"init.{k}": v for k, v in init.items()}
+    # a state field nothing reads (linrec's g without the final state) has no gradient: zero
+    return {k: torch.zeros_like(v) if v.grad is None else v.grad for k, v in grad.items()
+            if v.is_floating_point()}

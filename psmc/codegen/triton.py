@@ -177,7 +177,7 @@ def kernel_signatures(op: ir.Op, input_dtype: str = "f32") -> list[tuple[str, di
     for f in spec["inputs"]:
         types[f"gx_{f['name']}_ptr"] = _PTR["f32"]
     for f in spec["state"]:
-        for role in ("init", "final", "ckpt", "gfinal", "tot"):
+        for role in ("init", "final", "ckpt", "gfinal", "ginit", "tot"):
             types[f"{role}_{f['name']}_ptr"] = _PTR[f["dtype"]]
     if strategy(op, sop) == "recurrent":
         block_l = min(32, 1 << max(0, (sop.lane.size - 1).bit_length()))
@@ -188,7 +188,8 @@ def kernel_signatures(op: ir.Op, input_dtype: str = "f32") -> list[tuple[str, di
             for f in spec["state"]:
                 types[f"work_{f['name']}_ptr"] = _PTR[f["dtype"]]
             out.append((f"{op.name}_recurrent_backward_kernel", types,
-                        {"HAS_GFINAL": True, "ACC": "fp32", "BLOCK_L": block_l, "CKPT_T": 64}, 4))
+                        {"HAS_GFINAL": True, "HAS_GINIT": True, "ACC": "fp32", "BLOCK_L": block_l,
+                         "CKPT_T": 64}, 4))
         return out
     tile = 1 << (16384 // max(1, spec["scalars"])).bit_length() - 1
     block_t = max(128, min(4096, tile))
@@ -198,7 +199,7 @@ def kernel_signatures(op: ir.Op, input_dtype: str = "f32") -> list[tuple[str, di
            (f"{op.name}_chunk_totals_kernel", types, {"ACC": "fp32", "BLOCK_L": 1, "BLOCK_T": block_t}, 4)]
     adj, adjf, _ = backward_plan(sop)
     if adj is not None:
-        bw = {"HAS_GFINAL": True, "ACC": "fp32", "BLOCK_L": 1, "BLOCK_T": block_t}
+        bw = {"HAS_GFINAL": True, "HAS_GINIT": True, "ACC": "fp32", "BLOCK_L": 1, "BLOCK_T": block_t}
         wide = max(triton_adjoint.widest(a) for a in (adj, adjf) if a is not None) > 32
         warps = min(16, max(4, block_t // (32 * (1 if wide else 8))))
         out.append((f"{op.name}_backward_kernel", types, bw, warps))

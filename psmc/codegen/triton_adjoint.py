@@ -174,12 +174,14 @@ def _local_pattern(adj: Adjoint, group: list[int]) -> list[tuple[int, int]]:
 
 
 def spec(sop: S.ScalarOp, shares: bool = False) -> dict:
-    """What the backward launcher needs: float outputs (gy), float inputs (gx), and with lane
-    shares the lane-free inputs whose gradients come as one share per block of lanes."""
+    """What the backward launcher needs: float outputs (gy), float inputs (gx), whether the kernels
+    carry lane shares, and then the lane-free inputs whose gradients come as one share per block
+    of lanes."""
     gx = [f for f in sop.inputs if ir.is_float(f.dtype)]
     return {
         "gy": [f.name for f in sop.outputs if ir.is_float(f.dtype)],
         "gx": [f.name for f in gx],
+        "shares": shares,
         "partial": [f.name for f in gx if f.lane_axis is None] if shares else [],
     }
 
@@ -235,11 +237,14 @@ def generate(op: ir.Op, sop: S.ScalarOp, adj: Adjoint, suffix: str = "",
     arg_groups += [tensor_args(f"gx_{f.name}", f, True) for f in float_inputs]
     arg_groups += [tensor_args(f"ckpt_{f.name}", f, True) for f in sop.state]
     arg_groups += [tensor_args(f"gfinal_{f.name}", f, False) for f in sop.state]
+    arg_groups += [tensor_args(f"ginit_{f.name}", f, False) for f in sop.state]
+    shared_state = [f for f in sop.state if shares and f.lane_axis is None and ir.is_float(f.dtype)]
     saved_fields = [] if saved is None else list(dict.fromkeys(f.name for f, _ in saved.values()))
     out_info = {f.name: f for f in sop.outputs}
     arg_groups += [tensor_args(f"sy_{n}", out_info[n], True) for n in saved_fields]
-    if shared_inputs:  # the stride between the rows of lane-block shares
-        arg_groups.append(", ".join(f"gx_{f.name}_sp" for f in shared_inputs))
+    if shared_inputs or shared_state:  # the stride between the rows of lane-block shares
+        arg_groups.append(", ".join([f"gx_{f.name}_sp" for f in shared_inputs]
+                                    + [f"ginit_{f.name}_sp" for f in shared_state]))
 
     def base(prefix: str) -> str:
         return (f"{prefix}_base = {prefix}_ptr + o0 * {prefix}_so0 + o1 * {prefix}_so1 "
@@ -425,6 +430,7 @@ def generate(op: ir.Op, sop: S.ScalarOp, adj: Adjoint, suffix: str = "",
             gfinal_zeros.append(f"lamc_{s.name} = tl.full([BLOCK_L, 1], 0, ACC)")
     if not live:  # nothing flows back through the state
         gfinal_loads = gfinal_zeros = ["pass"]
+    init_lines = _initial_state_gradient(sop, adj, shared_state)
 
     return render(
         "triton_adjoint_scan.j2",
@@ -448,4 +454,49 @@ def generate(op: ir.Op, sop: S.ScalarOp, adj: Adjoint, suffix: str = "",
         scans=scan_blocks,
         grad_lines=grad_lines,
         stores=stores,
+        init_lines=init_lines,
     )
+
+
+def _initial_state_gradient(sop: S.ScalarOp, adj: Adjoint, shared_state: list[S.FieldInfo]) -> list[str]:
+    """After the last block: the initial state's gradient, (∂combine/∂l)ᵀ at (s_{-1}, lift(x_0))
+    applied to λ_0 (the carry, lamc_), stored per field (lane-free fields with lane shares: this
+    block of lanes' sum, one row per block). s_{-1} is the checkpoint before block 0."""
+    syms = {x.name for e in adj.entries for x in e.expr.free_symbols}
+    lines = []
+    for f in sop.state:
+        for s in sop.slots(f):
+            if f"s_{s.name}" in syms:
+                ptr = _plus(f"ckpt_{f.name}_base", _field_offset(f"ckpt_{f.name}", f, s))
+                lines.append(f"i_{s.name} = tl.load({ptr}, mask=lane_ok[:, None], "
+                             f"other={_literal(sop.identity_value(s))})")
+    first = {n[2:] for n in syms if n.startswith("n_")}
+    inputs = {x.name[2:] for a in sop.lift.assigns if a.name in first for x in a.expr.free_symbols}
+    for f in sop.inputs:
+        cast = ".to(ACC)" if ir.is_float(f.dtype) and f.dtype != "f64" else ""
+        for s in sop.slots(f):
+            if s.name in inputs:
+                ptr = _plus(f"in_{f.name}_base", _field_offset(f"in_{f.name}", f, s))
+                lines.append(f"x0_{s.name} = tl.load({ptr}, mask=lane_ok[:, None], other=0){cast}")
+    lines += _lift_lines(sop, "x0", "f", "z", None, first, shape="[BLOCK_L, 1]")
+    subs = {S.sym(n): S.sym(("i_" if n.startswith("s_") else "f_") + n[2:]) for n in syms}
+    targets = [(f"gi_{j.name}", sp.Add(*[e.expr.xreplace(subs) * S.sym(f"lamc_{e.source.name}")
+                                         for e in adj.entries if e.target == j])) for j in adj.live]
+    tmp, outs = _statements(targets, "h")
+    lines += tmp
+    lines += [f"{n} = tl.full([BLOCK_L, 1], {v}, ACC)" if const else f"{n} = {v}" for n, v, const in outs]
+    live = {s.name for s in adj.live}
+    for f in sop.state:
+        if not ir.is_float(f.dtype):
+            continue
+        for s in sop.slots(f):
+            g = f"gi_{s.name}" if s.name in live else "tl.full([BLOCK_L, 1], 0, ACC)"
+            at = f"ginit_{f.name}_ptr + o0 * ginit_{f.name}_so0 + o1 * ginit_{f.name}_so1"
+            off = _field_offset(f"ginit_{f.name}", f, s)
+            if f in shared_state:
+                lines.append(f"tl.store({_plus(at + f' + lane_block * ginit_{f.name}_sp', off)}, "
+                             f"tl.reduce(tl.reshape(tl.where(lane_ok[:, None], {g}, 0.0), [BLOCK_L]), 0, _psmc_add))")
+            else:
+                lines.append(f"tl.store({_plus(at + f' + lanes64 * ginit_{f.name}_sl', off)}, "
+                             f"tl.reshape({g}, [BLOCK_L]), mask=lane_ok)")
+    return lines or ["pass"]  # no float state

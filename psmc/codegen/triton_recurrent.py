@@ -288,9 +288,11 @@ def generate_backward(op: ir.Op, sop: S.ScalarOp) -> str:
     arg_groups += [tensor_args(f"gx_{f.name}", f, True) for f in float_in]
     arg_groups += [tensor_args(f"ckpt_{f.name}", f, True) for f in sop.state]
     arg_groups += [tensor_args(f"gfinal_{f.name}", f, False) for f in sop.state]
+    arg_groups += [tensor_args(f"ginit_{f.name}", f, False) for f in sop.state]
     work_args = ", ".join(f"work_{f.name}_ptr" for f in sop.state)
     partial = [f for f in float_in if f.lane_axis is None]
-    partial_args = ", ".join(f"gx_{f.name}_sp" for f in partial)
+    partial_state = [f for f in float_state if f.lane_axis is None]
+    partial_args = ", ".join([f"gx_{f.name}_sp" for f in partial] + [f"ginit_{f.name}_sp" for f in partial_state])
 
     tiles, loads = _input_loads(sop, fields)
     gy_loads = []
@@ -330,6 +332,12 @@ def generate_backward(op: ir.Op, sop: S.ScalarOp) -> str:
             load = f"tl.where(block0, {load}, 0.0)"
         gfinal_loads.append(f"lam_{f.name} = {load}")
         gfinal_zeros.append(f"lam_{f.name} = tl.zeros({fields.shape(f)}, ACC)")
+    ginit_stores = []  # after the first token, lam_ is the initial state's gradient
+    for f in float_state:
+        m = fields.mask(f)
+        share = f" + lane_block * ginit_{f.name}_sp" if f.lane_axis is None else ""
+        ginit_stores.append(f"tl.store(ginit_{f.name}_ptr{share} + {fields.offsets(f'ginit_{f.name}', f)}, "
+                            f"lam_{f.name}" + (f", mask={m})" if m else ")"))
 
     lift, comb = _step(op, sop, fields, sizes)
     x_env = {("x", f.name): f"x_{f.name}" for f in sop.inputs}
@@ -394,6 +402,7 @@ def generate_backward(op: ir.Op, sop: S.ScalarOp) -> str:
         tiles=tiles,
         gfinal_loads=gfinal_loads or ["pass"],
         gfinal_zeros=gfinal_zeros or ["pass"],
+        ginit_stores=ginit_stores or ["pass"],
         identity_where=f"{sop.path}:{op.state[0].loc.line} state",
         ckpt_loads=ckpt_loads,
         work_stores=work_stores,
