@@ -60,19 +60,19 @@ class Adjoint:
         lsub.update({s.symbol("r"): _sym("n", s) for s in slots})
         rsub = {s.symbol("l"): _sym("p", s) for s in slots}
         rsub.update({s.symbol("r"): _sym("e", s) for s in slots})
-        comb = [a.expr for a in sop.combine.assigns]
+        comb = [a.raw for a in sop.combine.assigns]  # as written: see ScalarAssign
         # Jl[i][j] = ∂combine_i/∂l_j at (s_t, e_{t+1});  Jr[i][k] = ∂combine_i/∂r_k at (s_{t-1}, e_t)
         self.Jl = [[_d(c, sj.symbol("l")).xreplace(lsub) for sj in slots] for c in comb]
         self.Jr = [[_d(c, sk.symbol("r")).xreplace(rsub) for sk in slots] for c in comb]
         outs = sop.output.assigns
         self.gy = [S.sym(f"gy_{a.name}") for a in outs]
         float_out = [ir.is_float(a.dtype) for a in outs]
-        self.Os = [[_d(o.expr, sj.symbol("s")) if fo else sp.S.Zero for sj in slots]
+        self.Os = [[_d(o.raw, sj.symbol("s")) if fo else sp.S.Zero for sj in slots]
                    for o, fo in zip(outs, float_out)]
         self.float_inputs = [s for f in sop.inputs if ir.is_float(f.dtype) for s in sop.slots(f)]
-        self.Ox = [[_d(o.expr, xm.symbol("x")) if fo else sp.S.Zero for xm in self.float_inputs]
+        self.Ox = [[_d(o.raw, xm.symbol("x")) if fo else sp.S.Zero for xm in self.float_inputs]
                    for o, fo in zip(outs, float_out)]
-        self.Lx = [[_d(a.expr, xm.symbol("x")) for xm in self.float_inputs] for a in sop.lift.assigns]
+        self.Lx = [[_d(a.raw, xm.symbol("x")) for xm in self.float_inputs] for a in sop.lift.assigns]
 
     # ---- structure ----
     @cached_property
@@ -223,9 +223,11 @@ class Adjoint:
 
 
 def _d(expr: sp.Expr, sym: sp.Symbol) -> sp.Expr:
+    """∂expr/∂sym of an expression as written, then printed the cheap way (S.one_exp_per_max
+    keeps values, and the derivative is taken already)."""
     if sym not in expr.free_symbols:
         return sp.S.Zero
-    return sp.diff(expr, sym)
+    return S.one_exp_per_max(sp.diff(expr, sym))
 
 
 def derive(sop: S.ScalarOp, final_grads: bool = False) -> Adjoint:

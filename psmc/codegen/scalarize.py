@@ -282,13 +282,19 @@ def one_exp_per_max(expr):
 
 @dataclass(frozen=True)
 class ScalarAssign:
-    """One scalar a function assigns: `field[index]` (lane axis dropped) = expr."""
+    """One scalar a function assigns: `field[index]` (lane axis dropped) = expr.
+
+    `expr` is what kernels print (one_exp_per_max applied), `raw` the expression as the op writes
+    it: the derived backward differentiates `raw`, since the rewrite keeps values but not the
+    derivatives at ties (d/dP of where(P >= Q, 1, ...) is 0 at P = Q, where max's own derivative
+    splits, 1/2 each, as torch's does: mixing the two gives wrong gradients there)."""
 
     field: str
     index: tuple[int, ...]
     expr: sp.Expr
     dtype: str
     line: int
+    raw: sp.Expr | None = None
 
     @property
     def name(self) -> str:
@@ -410,8 +416,8 @@ class ScalarOp:
             shape1 = tuple(1 if a == f.lane_axis else n for a, n in enumerate(f.shape))
             v = np.broadcast_to(v, shape1)
             for s in self.slots(f):
-                expr = one_exp_per_max(_as_number(v[s.full_index]))
-                out.append(ScalarAssign(f.name, s.index, expr, f.dtype, st.loc.line))
+                raw = _as_number(v[s.full_index])
+                out.append(ScalarAssign(f.name, s.index, one_exp_per_max(raw), f.dtype, st.loc.line, raw))
         order = {(s.field, s.index): i for i, s in enumerate(s for f in targets for s in self.slots(f))}
         out.sort(key=lambda a: order[(a.field, a.index)])
         return ScalarFunction(fn.kind, fn.loc.line, tuple(out))
