@@ -4,7 +4,8 @@ reference on the CPU (forward, gradients, prefill + step), and a compiled module
     python3 benchmarks/check_cuda.py            # prints one row per example, then "all ok"
     python3 benchmarks/check_cuda.py --cpu      # the same on the CPU (torch paths): a dry run
 
-The gradient column compares the default path with autograd through the torch path; the `bwd`
+The gradient column compares the default path with autograd through the torch path (also for a
+call continuing from a state: the initial state's gradients, and the final state's); the `bwd`
 column says which backward the default path ran: `kernel` (the derived backward kernel of the
 op's generated module), `torch`, or `tree` (the tree backend's reverse kernels). On CUDA every
 associative example with float inputs must say `kernel` (gla16: GLA at K = V = 16, which runs
@@ -13,6 +14,7 @@ strategy scan; gla and mlstm at their sizes here run strategy recurrent).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import subprocess
 import sys
@@ -115,8 +117,25 @@ def check(label: str) -> tuple[str, float, float, float, float, str]:
                 xb = {k: v.clone().requires_grad_(k in floats) for k, v in xs.items()}
                 tup(op(**xb, backend="torch"))[0].pow(2).mean().backward()
                 grad_err = max(grad_err, max(rel(xa[k].grad, xb[k].grad) for k in floats))
+            if op.associative:  # continuing a stream: the initial state's gradients too
+                grad_err = max(grad_err, _state_grad_err(op, x, floats))
         path = spy.path(op)
     return label, fwd, grad_err, step_err, time.perf_counter() - t0, path
+
+
+def _state_grad_err(op, x, floats) -> float:
+    """Relative difference of the inputs' and the initial state's gradients of a call that
+    continues from a state (and returns its final state), default path vs the torch path."""
+    _, st = op(**{k: v[:, :100] for k, v in x.items()}, backend="torch", return_state=True)
+    got = []
+    for backend in ("auto", "torch"):
+        init = {k: v.detach().clone().requires_grad_(v.is_floating_point()) for k, v in st.prefix.items()}
+        xs = {k: v[:, 100:].clone().requires_grad_(k in floats) for k, v in x.items()}
+        y, fin = op(**xs, initial_state=dataclasses.replace(st, prefix=init), return_state=True, backend=backend)
+        loss = tup(y)[0].pow(2).mean() + sum(v.mean() for v in fin.prefix.values() if v.is_floating_point())
+        loss.backward()
+        got.append([v.grad for v in list(xs.values()) + list(init.values()) if v.grad is not None])
+    return max(rel(a, b) for a, b in zip(*got))
 
 
 def check_compiled_module() -> float:

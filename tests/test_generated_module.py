@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPT = textwrap.dedent("""
-    import importlib, sys, torch
+    import dataclasses, importlib, sys, torch
     sys.path.insert(0, sys.argv[1])
     mod = importlib.import_module(sys.argv[2])
     assert "psmc" not in sys.modules  # torch and triton only
@@ -51,6 +51,24 @@ SCRIPT = textwrap.dedent("""
         y = op(**ys, backend="torch")
         (y if not isinstance(y, tuple) else y[0]).pow(2).sum().backward()
         assert g_kernel and all(torch.allclose(g_kernel[k], ys[k].grad, rtol=1e-7, atol=1e-9) for k in g_kernel)
+        # continuing a stream: the initial state's and the final state's gradients, same kernels
+        _, st = op(**{k: v[:, :3] for k, v in x.items()}, backend="torch", return_state=True)
+
+        def state_grads(backend):
+            init = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in st.prefix.items()}
+            xs = {k: v[:, :6].clone().requires_grad_(v.is_floating_point()) for k, v in short.items()}
+            y, fin = op(**xs, backend=backend, initial_state=dataclasses.replace(st, prefix=init),
+                        return_state=True)
+            loss = (y if not isinstance(y, tuple) else y[0]).pow(2).sum()
+            loss = loss + sum(v.sum() for v in fin.prefix.values() if v.is_floating_point())
+            loss.backward()
+            return {k: v.grad for k, v in list(xs.items()) + list(init.items()) if v.grad is not None}
+        calls.clear()
+        g_kernel = state_grads("triton")
+        assert calls == [1]
+        g_torch = state_grads("torch")
+        assert g_kernel.keys() == g_torch.keys() and any(k in st.prefix for k in g_kernel)
+        assert all(torch.allclose(g_kernel[k], g_torch[k], rtol=1e-7, atol=1e-9) for k in g_kernel)
     print("ok")
 """)
 

@@ -18,13 +18,18 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 @pytest.mark.parametrize("name", SCAN_OPS)
 def test_scan_kernels_compile_for_sm90(name):
+    """The forward kernels and every derived backward kernel; registers and spills are printed
+    (pytest -s)."""
     op = load(name)
     module = triton_backend.module(op.ir, interpret=False)
     compiled = triton_codegen.compile_ahead(op.ir, module, arch=90)
-    assert compiled
+    names = {k.name for k in compiled}
+    assert f"{name}_scan_kernel" in names
+    assert (f"{name}_backward_kernel" in names) == (name != "cumcount")  # cumcount: no float inputs
     for k in compiled:
         assert "cubin" in k.asm and len(k.asm["cubin"]) > 0
         assert ".target sm_90" in k.asm["ptx"]
+        print(f"{k.name}: {_resources(k)}")
 
 
 @pytest.mark.parametrize("name, dims", [("gla", {}), ("gla", dict(K=128, V=128)), ("mlstm", {})])
