@@ -3,6 +3,7 @@ reference on the CPU (forward, gradients, prefill + step), and a compiled module
 
     python3 benchmarks/check_cuda.py            # prints one row per example, then "all ok"
     python3 benchmarks/check_cuda.py --cpu      # the same on the CPU (torch paths): a dry run
+    python3 benchmarks/check_cuda.py --ops s5,softmax_attn   # some examples only
 
 The gradient column compares the default path with autograd through the torch path (also for a
 call continuing from a state: the initial state's gradients, and the final state's); the `bwd`
@@ -160,6 +161,8 @@ def main() -> int:
     names = ["cumsum", "cummax", "logcumsumexp", "linrec", "rotation", "affine", "softmax_attn",
              "gla", "gla16", "mlstm", "s5", "cumcount", "nonassoc_mix", "softmax_agg"]
     print(f"{'op':14s} {'fwd rel':>10s} {'grad rel':>10s} {'bwd':>6s} {'step rel':>10s} {'s':>6s}", flush=True)
+    if "--ops" in sys.argv:
+        names = sys.argv[sys.argv.index("--ops") + 1].split(",")
     ok = True
     for n in names:
         try:
