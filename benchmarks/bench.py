@@ -103,6 +103,21 @@ def rel_err(x, ref) -> float:
     return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def torch_linrec_scan():
+    """linrec through torch's own `associative_scan`, compiled (the peer the issue names)."""
+    from torch._higher_order_ops.associative_scan import associative_scan
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)  # one per shape
+
+    def comb(l, r):
+        return (l[0] * r[0], r[0] * l[1] + r[1])
+
+    @torch.compile(fullgraph=True, dynamic=False)
+    def torch_scan(a, b):
+        return associative_scan(comb, (a, b), dim=2, combine_mode="pointwise")[1]
+    return torch_scan
+
+
 def part_linrec(args, copy_gbs):
     """linrec fp32 (8, 1536, 4096): psmc vs accelerated-scan vs torch associative_scan (compiled)."""
     B, C, T = 8, 1536, 4096
@@ -132,14 +147,7 @@ def part_linrec(args, copy_gbs):
         log("accelerated-scan failed:", repr(e))
     if "torch" in args.peers:
         try:
-            from torch._higher_order_ops.associative_scan import associative_scan
-
-            def comb(l, r):
-                return (l[0] * r[0], r[0] * l[1] + r[1])
-
-            @torch.compile(fullgraph=True, dynamic=False)
-            def torch_scan(a, b):
-                return associative_scan(comb, (a, b), dim=2, combine_mode="pointwise")[1]
+            torch_scan = torch_linrec_scan()
             t0 = time.time()
             yt = torch_scan(a, b)
             torch.cuda.synchronize()
@@ -251,6 +259,9 @@ def part_curve(args, copy_gbs):
         impls = {"psmc": lambda: run({"a": a, "b": b})}
         if acc_scan is not None:
             impls["accelerated-scan"] = lambda: acc_scan(a, b)
+        if "torch" in args.peers:  # compiled once per T (dynamic=False): a few seconds each
+            torch_scan = torch_linrec_scan()
+            impls["torch associative_scan"] = lambda: torch_scan(a, b)
         for impl, fn in impls.items():
             try:
                 ms = median_ms(fn, rep=100)
@@ -298,14 +309,7 @@ def part_backward(args, copy_gbs):
         log("accelerated-scan backward failed:", repr(e)[:300])
     if "torch" in args.peers:
         try:
-            from torch._higher_order_ops.associative_scan import associative_scan
-
-            def comb(l, r):
-                return (l[0] * r[0], r[0] * l[1] + r[1])
-
-            @torch.compile(fullgraph=True, dynamic=False)
-            def torch_scan(a, b):
-                return associative_scan(comb, (a, b), dim=2, combine_mode="pointwise")[1]
+            torch_scan = torch_linrec_scan()
             t0 = time.time()
             torch_scan(a, b).backward(g)
             torch.cuda.synchronize()
@@ -561,7 +565,8 @@ def plot(out: Path):
     if not curve:
         return
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for impl, style in (("psmc", "o-"), ("accelerated-scan", "s--"), ("copy", "k:")):
+    for impl, style in (("psmc", "o-"), ("accelerated-scan", "s--"), ("torch associative_scan", "^-."),
+                        ("copy", "k:")):
         pts = sorted((c["T"], c["GB/s"]) for c in curve if c["impl"] == impl)
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl)
