@@ -18,7 +18,7 @@ import contextlib
 from types import ModuleType
 from typing import Iterator
 
-from . import __version__, cache
+from . import __version__, cache, triton_backend
 from .codegen import tree as tree_codegen
 from .errors import PsmCallError
 from .standalone import Prepared
@@ -78,7 +78,7 @@ def kernels(op_ir, block: int, interpret: bool, lanes: int = 0,
 
 def unsupported(op, p: Prepared) -> str | None:
     """Why this call cannot run on the tree kernels, or None."""
-    why = tree_codegen.supported(op.ir)
+    why = triton_backend.per_op(op.ir, tree_codegen.supported)  # every call asks: once per op
     if why:
         return why
     if op.associative:
