@@ -165,6 +165,7 @@ def _kernel_report(op, configs, names) -> dict:
             if c is None:
                 continue
             direct += 1
+            c._init_handles()  # loaded already by its launches; n_regs and n_spills come with it
             kind = key[0].__name__.removeprefix(f"{op.name}_tree_")
             seen.setdefault(kind, set()).add(f"{c.n_regs}r/{c.n_spills}s/w{c.metadata.num_warps}")
         out[name] = {k: sorted(v) for k, v in sorted(seen.items())}
