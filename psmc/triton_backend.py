@@ -52,7 +52,7 @@ def module(op: ir.Op, interpret: bool) -> ModuleType:
 _PER_OP: dict[tuple, tuple[ir.Op, str | None]] = {}
 
 
-def _per_op(op: ir.Op, question, *args) -> str | None:
+def per_op(op: ir.Op, question, *args) -> str | None:
     """`question(op, *args)`, asked once per op: the answers depend on the op alone (and on the
     FORCE_STRATEGY that tests set), and every call asks them."""
     key = (question, id(op), FORCE_STRATEGY) + args
@@ -66,7 +66,7 @@ def why_not(psm, p) -> str | None:
     """Why the Triton path cannot take this call, or None."""
     if p.device.type not in ("cuda", "cpu"):
         return f"tensors on {p.device.type} (Triton runs CUDA tensors, or CPU ones interpreted)"
-    return _per_op(psm.ir, _why_not_op, psm.associative)
+    return per_op(psm.ir, _why_not_op, psm.associative)
 
 
 def _why_not_op(op: ir.Op, associative: bool) -> str | None:
@@ -218,7 +218,7 @@ def run(psm, p, initial, return_state: bool, strict: bool):
 
 def backward_why_not(psm, initial) -> str | None:
     """Why gradients cannot come from the derived backward kernels, or None."""
-    why = _per_op(psm.ir, _backward_why_not_op)
+    why = per_op(psm.ir, _backward_why_not_op)
     if why is not None:
         return why
     if initial is not None and any(t.requires_grad for t in initial.prefix.values()):

@@ -9,16 +9,18 @@ path whenever Triton's specialization could differ.
 
 from __future__ import annotations
 
+import inspect
 from types import SimpleNamespace
 from unittest import mock
 
 import pytest
 import torch
-
+import triton.language as tl
 from triton.knobs import HookChain
 
-from psmc import triton_backend
+from psmc import tree_backend, triton_backend
 
+from helpers import example_op
 from triton_cases import load
 
 
@@ -104,3 +106,32 @@ def test_cpu_tensors_always_take_triton_path(launcher_env):
     for _ in range(2):
         launch(kernel, (1,), [x, 5, 100], dict(HAS_INIT=False, BLOCK_T=8))
     assert len(kernel.slow_calls) == 2 and kernel.compiled.calls == []
+
+
+def test_tree_host_code_launches_directly(monkeypatch):
+    """The tree kernels' host code (templates/tree_host.j2) uses the same launcher: one per kernel,
+    grid, length and dtypes, direct from the second launch on."""
+    op = example_op("nonassoc_mix")
+    mod = tree_backend.module(op.ir, 16, 4, interpret=True)
+    scan_mod = triton_backend.module(load("linrec").ir, interpret=True)
+    assert inspect.getsource(mod._PsmcLauncher) == inspect.getsource(scan_mod._PsmcLauncher)
+    runtime = SimpleNamespace(launch_enter_hook=HookChain(), launch_exit_hook=HookChain())
+    active = SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda device: 1234)
+    monkeypatch.setattr(mod, "triton", SimpleNamespace(
+        knobs=SimpleNamespace(runtime=runtime), runtime=SimpleNamespace(driver=SimpleNamespace(active=active))))
+    monkeypatch.setattr(mod, "_TREE_LAUNCHERS", {})
+    kernel = FakeKernel()
+    kernel.arg_names = ["x_u_ptr", "pin_ptr", "y_y_ptr", "n", "HAS_START", "ACC"]
+    table = dict(getattr(mod, "NONASSOC_MIX_TREE"), kernels={"lanes_down_x": kernel})
+    tree = mod._TreeCall(table, op.spec, torch.device("cuda"), 2, torch.float32)
+    x, pin, y = fake_tensor(4096), fake_tensor(8192), fake_tensor(16384)
+    for _ in range(3):
+        tree.launch("lanes_down_x", 100, x, pin, y, HAS_START=True)
+    grid = 2 * -(-100 // table["lane_block"])
+    assert kernel.slow_calls == [((grid,), (x, pin, y, 100),
+                                  dict(HAS_START=True, ACC=tl.float32, num_warps=table["lane_warps"]))]
+    c = kernel.compiled
+    assert c.calls == 2 * [(grid, 1, 1, 1234, c.function, c.packed_metadata, None, None, None,
+                            x, pin, y, 100, True, tl.float32)]
+    tree.launch("lanes_down_x", 101, x, pin, y, HAS_START=True)  # another length: Triton's path first
+    assert len(kernel.slow_calls) == 2 and len(c.calls) == 2
