@@ -164,9 +164,9 @@ def launched_plan(mod, fn):
     plans = []
     launch = mod._psmc_launch
 
-    def spy(kernel, totals_kernel, spec, plan, *args):
+    def spy(plan, *args):
         plans.append(plan)
-        return launch(kernel, totals_kernel, spec, plan, *args)
+        return launch(plan, *args)
     mod._psmc_launch = spy
     try:
         y = fn()

@@ -35,7 +35,7 @@ Host code: `generate_module_section` adds to the kernels the Python that launche
 (templates/tree_host.j2, one text for every op) and the op's entry `{op}_tree` with its table of
 kernels and block sizes (templates/tree_launch.j2). `psmc compile` pastes that section into a
 vendored module, and the package's tree backend imports the same text from the on-disk cache.
-On CUDA it launches through the scan launchers' `_PsmcLauncher` (templates/triton_launcher.j2,
+On CUDA it launches through the scan launchers' `_PsmcLaunch` (templates/triton_launcher.j2,
 pasted into the section too): direct calls of the compiled kernel after the first launch.
 
 Kernels (all take `ACC`, the accumulation dtype, and `HAS_START` where a block may have a start;

@@ -96,7 +96,8 @@ def sections(op: ir.Op, force: str | None = None) -> dict[str, str]:
             saved=None if saved is None else list(dict.fromkeys(f.name for f, _ in saved.values())))
         out["forward"] = _join(triton_scan.generate(op, sop),
                                render("triton_launch_scan.j2", name=name, path=sop.path,
-                                      spec_name=spec_name, spec=literal(spec)))
+                                      spec_name=spec_name, spec=literal(spec),
+                                      has_backward=adj is not None))
         if adj is not None:
             same = adjf is not None and adjf.live == adj.live and adjf.pattern == adj.pattern
             kernels = [triton_adjoint.generate(op, sop, adj)]
@@ -118,7 +119,8 @@ def sections(op: ir.Op, force: str | None = None) -> dict[str, str]:
         spec = dict(triton_recurrent.spec(sop, backward=why is None), strategy="recurrent")
         out["forward"] = _join(triton_recurrent.generate(op, sop),
                                render("triton_launch_recurrent.j2", name=name, path=sop.path,
-                                      spec_name=spec_name, spec=literal(spec), lane=sop.lane.name))
+                                      spec_name=spec_name, spec=literal(spec), lane=sop.lane.name,
+                                      has_backward=why is None))
         if why is None:
             out["backward"] = _join(triton_recurrent.generate_backward(op, sop), render(
                 "triton_launch_recurrent_backward.j2", name=name, path=sop.path,
