@@ -7,8 +7,8 @@ The device's host runs Python several times slower than a development machine, a
 0.55 ms forward + backward was CPU-bound (BENCHMARKS.md): the host took longer to enqueue a call
 than the GPU to run it. On CUDA this prints, per call: the host's enqueue time (no synchronization
 in the loop), the wall time with the GPU drained at the end, and do_bench's median (GPU-bound when
-the host time is below it), for psmc's op() and accelerated-scan's `accelerated_scan.triton.scan`
-(when importable), an empty autograd Function for scale, psmc's outputs and gradients checked
+the host time is below it), for psmc's op() and accelerated-scan's Triton scan
+(`accelerated_scan.scalar.scan` in accelerated-scan 0.3.1, when importable), an empty autograd Function for scale, psmc's outputs and gradients checked
 against accelerated-scan's, and a profile of psmc's host side.
 
 With --fake-kernels (no GPU needed) the generated modules' kernels are replaced by stand-ins
@@ -261,8 +261,9 @@ def main():
     ap.add_argument("--fake-kernels", action="store_true", help="no GPU: kernels replaced by no-ops")
     ap.add_argument("--shape", type=lambda s: tuple(int(v) for v in s.split(",")), default=(8, 1536, 4096),
                     help="B,C,T (CUDA)")
-    ap.add_argument("--peers", type=lambda s: [p for p in s.split(",") if p], default=["triton"],
-                    help="accelerated_scan modules to time (CUDA): triton, scalar (a CUDA extension)")
+    ap.add_argument("--peers", type=lambda s: [p for p in s.split(",") if p], default=["scalar"],
+                    help="accelerated_scan modules to time (CUDA): scalar (its Triton scan), "
+                    "warp (a CUDA extension, built on import)")
     ap.add_argument("--n", type=int, default=None, help="calls per timing (CUDA 50, fake 2000)")
     ap.add_argument("--repeat", type=int, default=7, help="timings, the best kept (fake)")
     args = ap.parse_args()
