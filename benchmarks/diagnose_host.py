@@ -8,8 +8,9 @@ The device's host runs Python several times slower than a development machine, a
 than the GPU to run it. On CUDA this prints, per call: the host's enqueue time (no synchronization
 in the loop), the wall time with the GPU drained at the end, and do_bench's median (GPU-bound when
 the host time is below it), for psmc's op() and accelerated-scan's Triton scan
-(`accelerated_scan.scalar.scan` in accelerated-scan 0.3.1, when importable), an empty autograd Function for scale, psmc's outputs and gradients checked
-against accelerated-scan's, and a profile of psmc's host side.
+(`accelerated_scan.scalar.scan` in accelerated-scan 0.3.1, when importable), an empty autograd
+Function for scale, psmc's outputs and gradients checked against accelerated-scan's, and a
+profile of psmc's host side.
 
 With --fake-kernels (no GPU needed) the generated modules' kernels are replaced by stand-ins
 whose compiled launcher does nothing, and Triton's driver by one that returns a fixed device and
