@@ -1,19 +1,21 @@
 """Registers, spills and SASS of the generated forward scan kernels, compiled ahead of time for
-sm_90 (no GPU needed): what the examples part of bench.py times, read from the cubin.
+sm_90 (no GPU needed): what bench_examples.py times, read from the cubin.
 
-    python benchmarks/sass_report.py [--ops affine,s5] [--configs 1x64x1,1x256x4] [--sass DIR]
+    python benchmarks/sass_report.py [--ops affine,s5] [--configs 1x64x1,32x4x1x3] [--sass DIR]
 
-Each op is compiled as its launcher would launch it at bench.py's shape (EXAMPLE_SHAPES): the same
-stride arguments, specialized as Triton specializes them at run time (an int equal to 1 becomes a
-constant, one divisible by 16 gets the divisibility hint, pointers are 16-byte aligned), and the
-launch's constexprs (one pass, no initial or final state). Block shapes: the heuristic and the
-autotune candidates (with their pipeline depths), or --configs. Printed per kernel: registers, spill bytes, and counts of the
-SASS of the loop over blocks of T (the body between the loop's label and its backward branch):
-instructions per element (per thread: BLOCK_L * BLOCK_T / (32 * warps) elements), loads and
-stores by width, MUFU (exp2/log2), barriers and shuffles. Run it with the Triton the GPU runs
-(the register allocation differs between versions).
+Each op is compiled as its launcher would launch it at bench.py's shape (EXAMPLE_SHAPES) on a GPU
+of 132 SMs: the same stride arguments, specialized as Triton specializes them at run time (an int
+equal to 1 becomes a constant, one divisible by 16 gets the divisibility hint, pointers are
+16-byte aligned), and the plan's constexprs (one pass or two, no initial or final state; with two
+passes the chunk-totals kernel is compiled too). Block shapes: the heuristic and the autotune
+candidates with their pipeline depths, or --configs (BLOCK_LxBLOCK_TxWARPS[xSTAGES]). Printed per
+kernel: registers, spill bytes, and counts over the SASS of the loop over blocks of T (from its
+label to its backward branch; the whole kernel when T is one block): instructions per element
+(per thread: BLOCK_L * BLOCK_T / (32 * warps) elements), loads and stores by width, MUFU
+(ex2/lg2), barriers, shuffles, shared-memory accesses. Counts are static: code that rarely runs
+(sin/cos argument reduction) counts as much as the rest. Run it with the Triton the GPU runs
+(register allocation differs between versions).
 """
-
 from __future__ import annotations
 
 import argparse
