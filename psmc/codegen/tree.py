@@ -59,6 +59,7 @@ from . import scalarize as S
 from .templates import render
 from .triton import _join
 from .triton_expr import TritonPrinter
+from .vectors import groups, pack, unpack
 
 # The blocks a vendored module is generated with (the GPU's; the package picks per device, see
 # tree_backend.py): elements a program of the split/join kernels (gradients, stream state), and
@@ -496,7 +497,7 @@ class _Lanes:
             for f in self.sop.inputs:
                 size = math.prod(f.shape)
                 names = [f"x{j}_{sl.name}" for sl in self.sop.slots(f)]
-                for k0, g in _groups(size):
+                for k0, g in groups(size):
                     if g == 1:
                         out.append(f"{names[k0]} = tl.load(x_{f.name}_ptr + pos{j} * {size} + {k0}, "
                                    f"mask=m{j}, other=0).to(ACC)")
@@ -504,7 +505,7 @@ class _Lanes:
                     v = f"xv{j}_{f.name}_{k0}"
                     out.append(f"{v} = tl.load(x_{f.name}_ptr + pos{j}[:, None] * {size} + "
                                f"({k0} + tl.arange(0, {g}))[None, :], mask=m{j}[:, None], other=0).to(ACC)")
-                    out += _unpack(v, names[k0:k0 + g], self.R)
+                    out += unpack(v, names[k0:k0 + g], str(self.R))
         return out
 
     def lift(self) -> list[str]:
@@ -601,13 +602,13 @@ class _Lanes:
                 size = math.prod(f.shape)
                 names = [f"y{j}_{sl.name}" for sl in self.sop.slots(f)]
                 dt = f"y_{f.name}_ptr.dtype.element_ty"
-                for k0, g in _groups(size):
+                for k0, g in groups(size):
                     if g == 1:
                         out.append(f"tl.store(y_{f.name}_ptr + pos{j} * {size} + {k0}, "
                                    f"{names[k0]}.to({dt}), mask=m{j})")
                         continue
                     out.append(f"tl.store(y_{f.name}_ptr + pos{j}[:, None] * {size} + ({k0} + "
-                               f"tl.arange(0, {g}))[None, :], {_pack(names[k0:k0 + g], self.R)}.to({dt}), "
+                               f"tl.arange(0, {g}))[None, :], {pack(names[k0:k0 + g], str(self.R))}.to({dt}), "
                                f"mask=m{j}[:, None])")
         return out
 
@@ -620,33 +621,6 @@ class _Lanes:
             out += [f"tl.store(pout_ptr + (ppos{j} + 1) * {NS} + {q}, {incl[j]}_{s}, mask=i{j} == n - 1)"
                     for q, s in enumerate(self.slots)]
         return out
-
-
-def _groups(size: int) -> list[tuple[int, int]]:
-    """(first scalar, count) of the vectors a field of `size` scalars is moved in: 4, 2 or 1."""
-    out, k = [], 0
-    while k < size:
-        g = 4 if size - k >= 4 else 2 if size - k >= 2 else 1
-        out.append((k, g))
-        k += g
-    return out
-
-
-def _unpack(src: str, cols: list[str], R: int) -> list[str]:
-    """`cols[c] = src[:, c]` for a [R, len(cols)] tensor, by halving splits (evens, odds)."""
-    g = len(cols)
-    if g == 1:
-        return [f"{cols[0]} = tl.reshape({src}, [{R}])"]
-    lines = [f"{src}e, {src}o = tl.split(tl.reshape({src}, [{R}, {g // 2}, 2]))"]
-    return lines + _unpack(f"{src}e", cols[0::2], R) + _unpack(f"{src}o", cols[1::2], R)
-
-
-def _pack(cols: list[str], R: int) -> str:
-    """The [R, len(cols)] tensor whose column c is cols[c] (the inverse of `_unpack`)."""
-    g = len(cols)
-    if g == 1:
-        return f"tl.reshape({cols[0]}, [{R}, 1])"
-    return f"tl.reshape(tl.join({_pack(cols[0::2], R)}, {_pack(cols[1::2], R)}), [{R}, {g}])"
 
 
 def lane_config(op: ir.Op, lanes: int = 0, per_lane: int = 0) -> tuple[int, int]:

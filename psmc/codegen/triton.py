@@ -88,7 +88,7 @@ def sections(op: ir.Op, force: str | None = None) -> dict[str, str]:
     out = {"prelude": render("triton_prelude.j2"), "backward": ""}
     strat = strategy(op, sop, force)
     if strat == "scan":
-        spec = dict(triton_scan.spec(sop), strategy="scan")
+        spec = dict(triton_scan.spec(sop), strategy="scan", vectors=triton_scan.vector_fields(sop))
         adj, adjf, why = backward_plan(sop)
         saved = triton_adjoint.saved_states(sop, adj) if adj is not None else None
         spec["backward"] = None if adj is None else dict(
@@ -186,10 +186,15 @@ def kernel_signatures(op: ir.Op, input_dtype: str = "f32") -> list[tuple[str, di
         return out
     tile = 1 << (16384 // max(1, spec["scalars"])).bit_length() - 1
     block_t = max(128, min(4096, tile))
+    # the vector fields take their vector path (dense inputs, as from torch.randn)
+    vec = {f"{p}_VEC": 2 for p in triton_scan.vector_fields(sop)}
     out = [(f"{op.name}_scan_kernel", types, {"HAS_INIT": True, "STORE_FINAL": True, "STORE_CKPT": True,
                                               "FROM_TOTALS": True, "ACC": "fp32", "BLOCK_L": 1,
-                                              "BLOCK_T": block_t, "BLOCK_C": 64}),
-           (f"{op.name}_chunk_totals_kernel", types, {"ACC": "fp32", "BLOCK_L": 1, "BLOCK_T": block_t})]
+                                              "BLOCK_T": block_t, "BLOCK_C": 64, "GATHER_LAST": True, "STAGES": 2,
+                                              **vec}),
+           (f"{op.name}_chunk_totals_kernel", types,
+            {"ACC": "fp32", "BLOCK_L": 1, "BLOCK_T": block_t, "GATHER_LAST": True, "STAGES": 2,
+             **{k: v for k, v in vec.items() if k.startswith("in_")}})]
     adj, adjf, _ = backward_plan(sop)
     bw = {"HAS_GFINAL": True, "ACC": "fp32", "BLOCK_L": 1, "BLOCK_T": block_t}
     if adj is not None:
