@@ -50,8 +50,9 @@ def tup(y):
 
 
 class _BackwardSpy:
-    """Counts calls of the derived backward launcher `{op}_backward` of the op's generated module
-    (what the autograd function calls), so a row can say which backward ran."""
+    """Counts calls of the derived backward's entry in the op's generated module (strategy scan:
+    `{op}_backward_select`, which picks the kernel; recurrent: the launcher `{op}_backward`), so a
+    row can say which backward ran."""
 
     def __init__(self, op):
         from psmc import triton_backend
@@ -59,7 +60,9 @@ class _BackwardSpy:
         self.mod, self.calls = None, 0
         if DEVICE == "cuda" and triton_backend.why_not(op, op._prepare(random_inputs(op, (1,), 2))) is None:
             self.mod = triton_backend.module(op.ir, interpret=False)
-            self.name = f"{op.name}_backward"
+            self.name = f"{op.name}_backward_select"
+            if not hasattr(self.mod, self.name):
+                self.name = f"{op.name}_backward"
             self.inner = getattr(self.mod, self.name, None)
 
     def __enter__(self):

@@ -50,7 +50,7 @@ def custom_op_for(op) -> Callable:
     lib_name = f"psmc::{op.ir.name}_{key}"
 
     def eager(xs: list[torch.Tensor], backend: str) -> list[torch.Tensor]:
-        y = op._forward(backend=backend, **dict(zip(names, xs)))
+        y = op._call(backend, dict(zip(names, xs)))  # a repeated signature: the bound kernels
         return list(y) if isinstance(y, tuple) else [y]
 
     @torch.library.custom_op(lib_name, mutates_args=())

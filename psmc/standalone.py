@@ -64,6 +64,28 @@ def check_backend(backend: Optional[str]) -> str:
     return backend
 
 
+def call_key(backend: Optional[str], inputs: Dict[str, torch.Tensor]) -> Optional[tuple]:
+    """The signature of a plain call (no stream state): everything its validation and dispatch
+    depend on. The backend asked for, whether autograd records, and per input (in the order given)
+    its name, type, shape, strides, dtype, device and requires_grad. A call with the signature of an
+    earlier one that ran on kernels goes straight to that call's bound kernels (see `remember`);
+    anything else takes the full, checked path. None when an input is not a plain tensor."""
+    if backend is not None and type(backend) is not str:
+        return None
+    try:
+        return (backend, torch.is_grad_enabled()) + tuple(
+            (k, type(t), t.shape, t.stride(), t.dtype, t.device, t.requires_grad) for k, t in inputs.items())
+    except (AttributeError, TypeError, RuntimeError):  # not a tensor, or one without strides
+        return None
+
+
+def remember(calls: dict, key: Optional[tuple], call: Callable) -> None:
+    """Keep a bound call under its signature (at most 256 per op: an op called with ever new
+    shapes, like a growing prefix, stops adding)."""
+    if key is not None and len(calls) < 256:
+        calls[key] = call
+
+
 # ---- streaming state -----------------------------------------------------------------------------
 
 @dataclass

@@ -18,48 +18,59 @@ import contextlib
 from types import ModuleType
 from typing import Iterator
 
-from . import __version__, cache
+from . import __version__, cache, triton_backend
 from .codegen import tree as tree_codegen
 from .errors import PsmCallError
 from .standalone import Prepared
 
-_BLOCK = {"cuda": tree_codegen.BLOCK, "cpu": tree_codegen.BLOCK}  # split/join family (gradients, stream state)
-_LANES = {"cuda": tree_codegen.LANES, "cpu": 16}  # lanes family (forward only): threads a block
+# split/join family (gradients, stream state): elements a program
+_BLOCK = {"cuda": tree_codegen.BLOCK, "cpu": tree_codegen.BLOCK}
+# lanes family (forward only): threads a program, and elements a thread (0: lane_config's choice).
+# On the GPU one warp of 32 lanes (the gathers between lanes are warp shuffles); on the CPU (the
+# interpreter) 16.
+_LANES = {"cuda": tree_codegen.LANES, "cpu": 16}
+_PER_LANE = {"cuda": 0, "cpu": 0}
 _MODULES: dict = {}
 
 
 @contextlib.contextmanager
-def block_size(block: int, lanes: int | None = None) -> Iterator[None]:
-    """Blocks of `block` elements (split/join family) and of `lanes` threads (lanes family)
-    inside this context: tests use small ones to cross many blocks, benchmarks sweep them."""
-    old, old_lanes = dict(_BLOCK), dict(_LANES)
+def block_size(block: int, lanes: int | None = None, per_lane: int | None = None) -> Iterator[None]:
+    """Blocks of `block` elements (split/join family), of `lanes` threads and `per_lane` elements
+    a thread (lanes family) inside this context: tests use small ones to cross many blocks,
+    benchmarks sweep them."""
+    old = dict(_BLOCK), dict(_LANES), dict(_PER_LANE)
     _BLOCK.update(cuda=block, cpu=block)
     if lanes:
         _LANES.update(cuda=lanes, cpu=lanes)
+    if per_lane:
+        _PER_LANE.update(cuda=per_lane, cpu=per_lane)
     try:
         yield
     finally:
-        _BLOCK.update(old)
-        _LANES.update(old_lanes)
+        for now, was in zip((_BLOCK, _LANES, _PER_LANE), old):
+            now.update(was)
 
 
-def module(op_ir, block: int, lanes: int, interpret: bool) -> ModuleType:
+def module(op_ir, block: int, lanes: int, interpret: bool, per_lane: int = 0) -> ModuleType:
     """The generated tree module of an op for these blocks (from the on-disk cache), imported
     compiled or interpreted."""
-    key = (op_ir.name, op_ir.dims, op_ir.source.text, block, lanes, interpret)
+    key = (op_ir.name, op_ir.dims, op_ir.source.text, block, lanes, per_lane, interpret)
     mod = _MODULES.get(key)
-    if mod is None:
-        path = cache.module_file(op_ir, f"tree-{block}-{lanes}",
-                                 lambda: tree_codegen.generate_module(op_ir, __version__, block, lanes))
+    if mod is None:  # lane_config scalarizes the op: once per key, not per call
+        lanes, per_lane = tree_codegen.lane_config(op_ir, lanes, per_lane)
+        path = cache.module_file(op_ir, f"tree-{block}-{lanes}x{per_lane}", lambda: tree_codegen.generate_module(
+            op_ir, __version__, block, lanes, per_lane))
         mod = _MODULES[key] = cache.load(path, interpret=interpret)
     return mod
 
 
-def kernels(op_ir, block: int, interpret: bool, lanes: int) -> tuple[tree_codegen.TreeKernels, dict]:
+def kernels(op_ir, block: int, interpret: bool, lanes: int = 0,
+            per_lane: int = 0) -> tuple[tree_codegen.TreeKernels, dict]:
     """What the module's kernels are (names, signatures) and the kernels themselves by kind: for
     ahead-of-time compiles and register reports."""
-    tk = tree_codegen.generate(op_ir, block, lanes, tree_codegen.lane_config(op_ir, lanes)[1])
-    mod = module(op_ir, block, lanes, interpret)
+    lanes, per_lane = tree_codegen.lane_config(op_ir, lanes, per_lane)
+    tk = tree_codegen.generate(op_ir, block, lanes, per_lane)
+    mod = module(op_ir, block, lanes, interpret, per_lane)
     return tk, {kind: getattr(mod, tk.kernel(kind)) for kind in tk.kinds}
 
 
@@ -67,7 +78,7 @@ def kernels(op_ir, block: int, interpret: bool, lanes: int) -> tuple[tree_codege
 
 def unsupported(op, p: Prepared) -> str | None:
     """Why this call cannot run on the tree kernels, or None."""
-    why = tree_codegen.supported(op.ir)
+    why = triton_backend.per_op(op.ir, tree_codegen.supported)  # every call asks: once per op
     if why:
         return why
     if op.associative:
@@ -85,6 +96,6 @@ def run(op, p: Prepared, initial, return_state: bool, strict: bool):
             raise PsmCallError(f"{op.name}: backend='triton' cannot run this op: {why}")
         return None
     where = "cuda" if p.device.type == "cuda" else "cpu"
-    mod = module(op.ir, _BLOCK[where], _LANES[where], interpret=where != "cuda")
+    mod = module(op.ir, _BLOCK[where], _LANES[where], interpret=where != "cuda", per_lane=_PER_LANE[where])
     entry = getattr(mod, f"{op.name}_tree")
     return entry(op.spec, op.functions(p.float_dtype, p.device), p, initial, return_state)

@@ -3,19 +3,21 @@
 `run` is called by runtime.PsmOp.forward with validated inputs. It returns None to let the torch
 path run instead (only when not strict: `backend="auto"` on CUDA tensors), or what forward returns.
 CUDA tensors run compiled kernels; CPU tensors run the same kernels under Triton's interpreter
-(`backend="triton"` on CPU, which is how CI runs them).
+(`backend="triton"` on CPU, which is how CI runs them). Everything per call (plans, the autograd
+Function, the derived backward) is the generated module's own host code, the code a vendored
+module runs: `run` decides whether the kernels may take the call and binds it (`{op}_bind`); a
+plain call's bound call is kept for the fast path of later calls with its signature.
 """
 
 from __future__ import annotations
 
-import contextlib
 from types import ModuleType
 
 import torch
 
 from . import __version__, cache, ir
 from .errors import PsmCallError
-from .standalone import owner
+from .standalone import owner, remember
 from .codegen import scalarize as S
 from .codegen import triton as triton_codegen
 
@@ -52,7 +54,7 @@ def module(op: ir.Op, interpret: bool) -> ModuleType:
 _PER_OP: dict[tuple, tuple[ir.Op, str | None]] = {}
 
 
-def _per_op(op: ir.Op, question, *args) -> str | None:
+def per_op(op: ir.Op, question, *args) -> str | None:
     """`question(op, *args)`, asked once per op: the answers depend on the op alone (and on the
     FORCE_STRATEGY that tests set), and every call asks them."""
     key = (question, id(op), FORCE_STRATEGY) + args
@@ -66,7 +68,7 @@ def why_not(psm, p) -> str | None:
     """Why the Triton path cannot take this call, or None."""
     if p.device.type not in ("cuda", "cpu"):
         return f"tensors on {p.device.type} (Triton runs CUDA tensors, or CPU ones interpreted)"
-    return _per_op(psm.ir, _why_not_op, psm.associative)
+    return per_op(psm.ir, _why_not_op, psm.associative)
 
 
 def _why_not_op(op: ir.Op, associative: bool) -> str | None:
@@ -89,112 +91,29 @@ def _needs_grad(p, initial) -> bool:
     return any(t.requires_grad for t in tensors)
 
 
-@contextlib.contextmanager
-def _numpy_quiet():
-    import numpy as np
-
-    with np.errstate(all="ignore"):
-        yield
+def _knobs() -> tuple:
+    return FORCE_CONFIG, FORCE_STRATEGY, FORCE_CHUNK_T
 
 
-def _quiet_if(interpret: bool):
-    """The interpreter evaluates both sides of every `tl.where` in numpy; the untaken side's
-    overflow or log(0) warnings say nothing about the result, so they are silenced there."""
-    return _numpy_quiet() if interpret else contextlib.nullcontext()
+class _Fast:
+    """A bound call kept for the fast path of `PsmOp.forward`: valid while the knobs above (which
+    tests and benchmarks set) are what they were when it was bound; the full path otherwise."""
+
+    __slots__ = ("call", "psm", "backend", "knobs")
+
+    def __init__(self, call, psm, backend: str):
+        self.call, self.psm, self.backend, self.knobs = call, psm, backend, _knobs()
+
+    def __call__(self, inputs):
+        if (FORCE_CONFIG, FORCE_STRATEGY, FORCE_CHUNK_T) == self.knobs:
+            return self.call(inputs)
+        return self.psm._forward(False, None, self.backend, inputs)
 
 
-class _Call:
-    """What one forward call needs to know, handed to the autograd function."""
-
-    def __init__(self, psm, p, mod, interpret: bool, want_final: bool, has_init: bool):
-        self.name = psm.name
-        self.spec = getattr(mod, f"{psm.name.upper()}_SPEC")
-        self.mod = mod
-        self.interpret = interpret
-        self.names = [f["name"] for f in self.spec["inputs"]]
-        self.state = [f["name"] for f in self.spec["state"]]
-        self.outputs = self.spec["outputs"]
-        self.want_final = want_final
-        self.has_init = has_init
-        self.acc = p.float_dtype
-        self.out_dtype = p.out_dtype
-
-    def forward(self, inputs, initial, want_ckpt):
-        strategy = self.spec["strategy"]
-        chunking = dict(chunk_t=FORCE_CHUNK_T) if strategy == "scan" else {}
-        with _quiet_if(self.interpret):
-            return getattr(self.mod, f"{self.name}_{strategy}")(
-                inputs, initial=initial, want_final=self.want_final, acc_dtype=self.acc,
-                out_dtype=self.out_dtype, config=FORCE_CONFIG, want_ckpt=want_ckpt, **chunking)
-
-
-class _ScanFunction(torch.autograd.Function):
-    """Forward: the scan or recurrent kernel (saving per-block checkpoints). Backward: the derived
-    kernel of that strategy (`{op}_backward`: a reverse scan, or the recurrent adjoint)."""
-
-    @staticmethod
-    def forward(ctx, call: _Call, *tensors):
-        n = len(call.names)
-        inputs = dict(zip(call.names, tensors[:n]))
-        initial = dict(zip(call.state, tensors[n:])) if call.has_init else None
-        outs, final, saved = call.forward(inputs, initial, want_ckpt=True)
-        ckpt, config = saved if saved is not None else ({}, None)
-        ctx.call, ctx.config = call, config
-        ctx.init_meta = [(t.shape, t.dtype) for t in tensors[n:]]  # the initial state's tensors
-        ctx.ckpt_names = list(ckpt)
-        saved_outs = (call.spec["backward"] or {}).get("saved") or []
-        ctx.out_names = saved_outs
-        by_name = {f["name"]: o for f, o in zip(call.outputs, outs)}
-        ctx.save_for_backward(*tensors[:n], *ckpt.values(), *(by_name[k] for k in saved_outs))
-        finals = tuple(final[k] for k in call.state) if call.want_final else ()
-        nondiff = [o for o, f in zip(outs, call.outputs) if f["dtype"] not in ("f16", "bf16", "f32", "f64")]
-        if call.want_final:
-            fields = call.spec["state"]
-            final_ok = bool((call.spec["backward"] or {}).get("final"))  # else the final state is a constant
-            nondiff += [t for t, f in zip(finals, fields)
-                        if f["dtype"] not in ("f16", "bf16", "f32", "f64") or not final_ok]
-        if nondiff:
-            ctx.mark_non_differentiable(*nondiff)
-        return (*outs, *finals)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        call = ctx.call
-        n = len(call.names)
-        saved = ctx.saved_tensors
-        raw = dict(zip(call.names, saved[:n]))
-        n_ck = len(ctx.ckpt_names)
-        ckpt = dict(zip(ctx.ckpt_names, saved[n:n + n_ck]))
-        outputs = dict(zip(ctx.out_names, saved[n + n_ck:])) if ctx.out_names else None
-        n_out = len(call.outputs)
-        gy = {f["name"]: g for f, g in zip(call.outputs, grads[:n_out])}
-        gfinal = None
-        if call.want_final and any(g is not None for g in grads[n_out:]):
-            gfinal = dict(zip(call.state, grads[n_out:]))
-        want_init = call.has_init and any(ctx.needs_input_grad[1 + n:])
-        with _quiet_if(call.interpret):
-            gx = getattr(call.mod, f"{call.name}_backward")(raw, gy, (ckpt, ctx.config), gfinal,
-                                                             acc_dtype=call.acc, outputs=outputs,
-                                                             want_init=want_init)
-        ginit = {}
-        if want_init:
-            gx, ginit = gx
-        out = []
-        for name, t in raw.items():
-            g = gx.get(name)
-            if g is None or not t.is_floating_point():
-                out.append(None)
-                continue
-            if g.shape != t.shape:  # the input was broadcast over batch axes: sum them back
-                g = g.sum_to_size(t.shape)
-            out.append(g.to(t.dtype))
-        for name, (shape, dtype) in zip(call.state, ctx.init_meta):
-            g = ginit.get(name)  # None: not wanted, or an integer field
-            out.append(None if g is None else g.sum_to_size(shape).to(dtype))
-        return (None, *out)
-
-
-def run(psm, p, initial, return_state: bool, strict: bool):
+def run(psm, p, initial, return_state: bool, strict: bool, key=None):
+    """The call on the generated kernels: the module's bound call for its signature (`{op}_bind`,
+    whose autograd Function runs the derived backward). A plain call's bound call is kept under
+    `key` (standalone.call_key) in psm's fast-path table, so its next call goes straight to it."""
     from .runtime import StreamState
 
     why = why_not(psm, p)
@@ -207,28 +126,28 @@ def run(psm, p, initial, return_state: bool, strict: bool):
         return None
     if initial is not None and (initial.prefix is None or initial.pending):
         raise PsmCallError(f"{psm.name}: initial_state does not belong to an associative op")
-    interpret = p.device.type != "cuda"
-    mod = module(psm.ir, interpret)
-    call = _Call(psm, p, mod, interpret, return_state, initial is not None)
-    init = dict(initial.prefix) if initial is not None else None
-    if grad:
-        tensors = [p.raw[k] for k in call.names] + ([init[k] for k in call.state] if init else [])
-        res = _ScanFunction.apply(call, *tensors)
-        outs, finals = res[:len(call.outputs)], res[len(call.outputs):]
-        final = dict(zip(call.state, finals)) if return_state else None
-    else:
-        outs, final, _ = call.forward(p.raw, init, want_ckpt=False)
-    out = outs[0] if len(outs) == 1 else tuple(outs)
+    mod = module(psm.ir, p.device.type != "cuda")
+    spec = getattr(mod, f"{psm.name.upper()}_SPEC")
+    xs = [p.raw[f["name"]] for f in spec["inputs"]]
+    inits = None if initial is None else [initial.prefix[f["name"]] for f in spec["state"]]
+    chunking = dict(chunk_t=FORCE_CHUNK_T) if spec["strategy"] == "scan" else {}
+    call = getattr(mod, f"{psm.name}_bind")(xs, inits, want_final=return_state, grad=grad,
+                                             acc_dtype=p.float_dtype, out_dtype=p.out_dtype,
+                                             config=FORCE_CONFIG, **chunking)
+    out, final = call.run(xs)
     if not return_state:
+        if call.cacheable:
+            remember(psm._fast, key, _Fast(call, psm, "triton" if strict else "auto"))
         return out
     tokens = (initial.tokens if initial is not None else 0) + p.T
-    return out, StreamState(p.batch_shape, owner(psm.spec), tokens=tokens, prefix=final)
+    return out, StreamState(p.batch_shape, owner(psm.spec), tokens=tokens,
+                            prefix=dict(zip(call.state, final)))
 
 
 def backward_why_not(psm) -> str | None:
-    """Why gradients cannot come from the derived backward kernels, or None (the initial
-    state's gradients are generated as well)."""
-    return _per_op(psm.ir, _backward_why_not_op)
+    """Why gradients cannot come from the derived backward kernels, or None (the initial state's
+    gradients come from them as well)."""
+    return per_op(psm.ir, _backward_why_not_op)
 
 
 def _backward_why_not_op(op: ir.Op) -> str | None:
@@ -257,10 +176,8 @@ def step(psm, state, p, strict: bool = True):
         if strict:
             raise PsmCallError(f"{psm.name}.step: the Triton path cannot run this call: {why}")
         return None
-    interpret = p.device.type != "cuda"
-    mod = module(psm.ir, interpret)
-    with _quiet_if(interpret):
-        outs, final = getattr(mod, f"{psm.name}_step")(p.raw, dict(state.prefix), acc_dtype=p.float_dtype,
-                                                       out_dtype=p.out_dtype)
+    mod = module(psm.ir, p.device.type != "cuda")
+    outs, final = getattr(mod, f"{psm.name}_step")(p.raw, dict(state.prefix), acc_dtype=p.float_dtype,
+                                                   out_dtype=p.out_dtype)
     out = outs[0] if len(outs) == 1 else tuple(outs)
     return out, StreamState(p.batch_shape, owner(psm.spec), tokens=state.tokens + 1, prefix=final)

@@ -90,6 +90,7 @@ def test_vendored_tree_module_matches_the_package(build, tmp_path, name):
     for kind in tree_codegen.KINDS + tree_codegen.LANE_KINDS:
         assert f"def {name}_tree_{kind}(" in text
     assert "import psmc" not in text and "from psmc" not in text
+    assert text.count("class _PsmcLaunch:") == 1  # direct launches, the scan modules' own class
     assert f"return {name}_tree(SPEC, fns, p, initial_state, return_state)" in text
     op = example_op(name, D=3)
     xs = _inputs(op)

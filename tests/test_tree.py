@@ -12,23 +12,25 @@ import re
 import pytest
 import torch
 
-from psmc import tree_backend
+import psmc
+from psmc import cache, tree_backend
 from psmc.codegen import tree as tree_codegen
 from psmc.errors import PsmCallError
 from psmc.runtime import PsmOp
 from psmc.standalone import prepare
 
 from helpers import as_tuple, example_op, random_inputs
+from oracles import ORACLES, canonical_exclusive, canonical_prefixes
 
 TREE_OPS = ["nonassoc_mix", "softmax_agg"]
 F32_TOL = dict(rtol=1e-5, atol=1e-5)  # f32 kernels against the f64 reference
 F64_TOL = dict(rtol=1e-12, atol=1e-12)
 
 
-def run_tree(op, inputs, initial=None, return_state=False, block=16, lanes=None):
+def run_tree(op, inputs, initial=None, return_state=False, block=16, lanes=None, per_lane=None):
     """tree_backend.run with small blocks: `block` for the split/join family (gradients, stream
-    state), `lanes` threads for the forward-only lanes family (a few elements each)."""
-    with tree_backend.block_size(block, lanes):
+    state), `lanes` threads of `per_lane` elements for the forward-only lanes family."""
+    with tree_backend.block_size(block, lanes, per_lane):
         return tree_backend.run(op, prepare(op.spec, inputs), initial, return_state, strict=True)
 
 
@@ -43,8 +45,7 @@ def test_forward_equals_reference(name, T):
     op = example_op(name)
     x64 = random_inputs(op, (2,), T, seed=T)
     want = op.reference(**x64)
-    close(run_tree(op, x64, lanes=2), want, F64_TOL)  # 100 elements: 7 or 13 blocks, 2 levels up
-    x32 = {k: v.float() for k, v in x64.items()}
+    x32 = {k: v.float() for k, v in x64.items()}  # the lanes kernels (more in the tests above)
     got = run_tree(op, x32, lanes=4)
     assert as_tuple(got)[0].dtype == torch.float32
     close(got, want, F32_TOL)
@@ -61,6 +62,120 @@ def test_forward_long_sequence(name):
     want = op(**{k: v.double() for k, v in x.items()}, backend="torch")  # f64, the same tree
     close(run_tree(op, x, lanes=8), want, F32_TOL)
     close(run_tree(op, {k: v.requires_grad_() for k, v in x.items()}, block=64), want, F32_TOL)
+
+
+# ---- the forward-only lanes kernels: in-lane subtrees, the cross-lane gather tree ----------------
+
+# (lanes, elements a lane, T): T = 1; T shorter than one block; 5 blocks whose totals one more
+# block scans; 18 blocks of 4, their totals scanned over three levels of blocks (lanes_up_s);
+# whole blocks only (the last lane's end prefix comes from the scan); the GPU's 32 x 4, 3 blocks
+LANE_CASES = [(2, 2, 1), (4, 2, 5), (4, 2, 37), (2, 2, 70), (4, 4, 64), (32, 4, 300)]
+
+
+@pytest.mark.parametrize("name", TREE_OPS)
+@pytest.mark.parametrize("lanes,per_lane,T", LANE_CASES)
+def test_lanes_kernels_equal_the_designs_tree(name, lanes, per_lane, T):
+    """The lanes kernels against tests/oracles.py, which folds DESIGN.md's aligned blocks
+    literally (f64, and f32 for the GPU's configuration); softmax_agg's identity has w = -inf."""
+    op = example_op(name)
+    x = random_inputs(op, (2,), T, seed=lanes * 1000 + T)
+    want = ORACLES[name](**x)["y"]
+    with torch.no_grad():
+        close(run_tree(op, x, lanes=lanes, per_lane=per_lane), want, F64_TOL)
+        if (lanes, per_lane) == tree_codegen.lane_config(op.ir):
+            x32 = {k: v.float() for k, v in x.items()}
+            close(run_tree(op, x32, lanes=lanes, per_lane=per_lane), want, F32_TOL)
+
+
+MIX_EXCLUSIVE = """
+op mix_excl[D = 3] {
+  expect nonassociative
+  input  u: f32[D]
+  state  n: f32 = 0, h: f32[D] = 0
+  lift(x) { n = 1; h = x.u }
+  combine(l, r) {
+    n = l.n + r.n
+    h = where(l.n == 0, r.h, where(r.n == 0, l.h, tanh(l.h + r.h)))
+  }
+  output(s, x) exclusive { y = s.h * x.u }
+}
+"""
+
+
+@pytest.mark.parametrize("lanes,per_lane,T", [(2, 2, 1), (4, 2, 37), (2, 2, 40), (4, 4, 64)])
+def test_lanes_kernels_exclusive_output(lanes, per_lane, T):
+    """`output(s, x) exclusive`: element i reads P_i (P_0 = e), from the definition."""
+    op = psmc.compile_source(MIX_EXCLUSIVE)["mix_excl"]
+    u = random_inputs(op, (2,), T, seed=T)["u"] * 3
+
+    def combine(l, r):  # written from the .psm by hand
+        ln, rn = l["n"][..., None], r["n"][..., None]
+        return {"n": l["n"] + r["n"],
+                "h": torch.where(ln == 0, r["h"], torch.where(rn == 0, l["h"], torch.tanh(l["h"] + r["h"])))}
+
+    elements = [{"n": torch.ones(2, dtype=u.dtype), "h": u[:, t]} for t in range(T)]
+    e = {"n": torch.zeros(2, dtype=u.dtype), "h": torch.zeros(2, 3, dtype=u.dtype)}
+    want = torch.stack([p["h"] for p in canonical_exclusive(elements, combine, e)], dim=1) * u
+    with torch.no_grad():
+        close(run_tree(op, {"u": u}, lanes=lanes, per_lane=per_lane), want, F64_TOL)
+
+
+@pytest.mark.parametrize("name", TREE_OPS)
+@pytest.mark.parametrize("lanes,per_lane,T", [(2, 2, 1), (4, 2, 8), (2, 2, 37), (4, 4, 70)])
+def test_lanes_prefix_kernels_give_every_canonical_prefix(name, lanes, per_lane, T):
+    """The prefix kernels (lanes_up_s / lanes_down_s, which scan the block totals) on lifted
+    states: all T + 1 prefixes P_0 = e ... P_T, against canonical_prefixes with the op's IR
+    interpreter as combine."""
+    op = example_op(name)
+    x = random_inputs(op, (2,), T, seed=T)
+    fns = op.functions(torch.float64, torch.device("cpu"), interpreted=True)
+    states = fns.lift(x, (2, T))
+    elements = [{k: v[:, t] for k, v in states.items()} for t in range(T)]
+    want = canonical_prefixes(elements, lambda l, r: fns.combine(l, r, (2,)),
+                              fns.identity((2,), torch.float64, torch.device("cpu")))
+    mod = tree_backend.module(op.ir, 16, lanes, interpret=True, per_lane=per_lane)
+    tree = mod._TreeCall(getattr(mod, f"{name.upper()}_TREE"), op.spec, torch.device("cpu"), 2, torch.float64)
+    got = mod._tree_fast_prefixes(tree, mod._tree_to_slots(tree, op.spec, states, T), T)
+    stacked = {k: torch.stack([p[k] for p in want], dim=1) for k in states}
+    torch.testing.assert_close(got, mod._tree_to_slots(tree, op.spec, stacked, T + 1), **F64_TOL)
+
+
+def _left_fold_lane_total(self):
+    """A wrong in-lane bracketing: a lane's total as ((s0 s1) s2) s3, not (s0 s1)(s2 s3)."""
+    lines = _REAL_UP(self)
+    i = next(i for i, line in enumerate(lines) if line.startswith("u2_0_"))
+    lines[i:i + 1] = [self.fns.call(self.vars("lf"), "combine", self.vars("u1_0"), self.vars("u0_2")),
+                      self.fns.call(self.vars("u2_0"), "combine", self.vars("lf"), self.vars("u0_3"))]
+    return lines
+
+
+def _folded_lane_end(self):
+    """A wrong cross-lane bracketing: a lane's inclusive end as combine(its prefix, its total),
+    not the next lane's prefix (lane 3's end is then (((T0 T1) T2) T3), not (T0 T1)(T2 T3))."""
+    lines = _REAL_CROSS_DOWN(self)
+    i = next(i for i, line in enumerate(lines) if line.startswith("q0_"))
+    lines[i:] = [self.fns.call(self.vars("q0"), "combine", self.vars("p0"), self.vars(f"u{self.LE}_0"))]
+    return lines
+
+
+_REAL_UP, _REAL_CROSS_DOWN = tree_codegen._Lanes.up, tree_codegen._Lanes.cross_down
+
+
+@pytest.mark.parametrize("method,wrong", [("up", _left_fold_lane_total), ("cross_down", _folded_lane_end)])
+def test_lanes_tests_catch_a_wrong_bracketing(monkeypatch, tmp_path, method, wrong):
+    """The lanes kernels generated with a plausible wrong bracketing miss the oracle by far more
+    than the tolerances above (the mutated module is loaded from tmp_path, not the cache)."""
+    op = example_op("nonassoc_mix")
+    x = random_inputs(op, (2,), 64, seed=3)
+    want = ORACLES["nonassoc_mix"](**x)["y"]
+    monkeypatch.setattr(tree_codegen._Lanes, method, wrong)
+    path = tmp_path / "mutant.py"
+    path.write_text(tree_codegen.generate_module(op.ir, "mutant", 16, lanes=4, per_lane=4))
+    mod = cache.load(path, interpret=True)
+    with torch.no_grad():
+        got = mod.nonassoc_mix_tree(op.spec, op.functions(torch.float64, torch.device("cpu")),
+                                    prepare(op.spec, x), None, False)
+    assert (got - want).abs().max().item() > 1e3 * F64_TOL["atol"] + 1e3 * F32_TOL["atol"]
 
 
 @pytest.mark.parametrize("name", TREE_OPS)
@@ -149,6 +264,9 @@ def test_generated_source_is_readable_and_interpreter_safe(name):
     for k in tree_codegen.LANE_KINDS:
         assert f"def {name}_tree_{k}(" in lanes
     assert "# inside each lane: the subtree of its 4 elements" in lanes
+    # across lanes one value a thread: a gather per level, no split/join
+    kernel = lanes[lanes.index(f"def {name}_tree_lanes_up_s("):lanes.index(f"def {name}_tree_lanes_down_x(")]
+    assert "tl.gather(t1_n, lane ^ 2, 0)" in kernel and "tl.split" not in kernel and "tl.join" not in kernel
 
 
 @pytest.mark.parametrize("name", TREE_OPS)

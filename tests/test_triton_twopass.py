@@ -38,9 +38,9 @@ def spy_grids(monkeypatch, mod) -> list:
     grids = []
     launch = mod._psmc_launch
 
-    def spy(kernel, totals_kernel, spec, plan, *args):
+    def spy(plan, *args):
         grids.append(plan.grid)
-        return launch(kernel, totals_kernel, spec, plan, *args)
+        return launch(plan, *args)
     monkeypatch.setattr(mod, "_psmc_launch", spy)
     return grids
 
@@ -179,7 +179,8 @@ def test_plans_on_an_h100_sized_gpu(shape, two, monkeypatch):
     mod = triton_backend.module(load("linrec").ir, interpret=True)
     monkeypatch.setattr(mod, "_psmc_sms", lambda device: 132)
     xs = [torch.empty(shape, device="meta") for _ in range(2)]
-    plan = mod._PsmcScanPlan(mod.LINREC_SPEC, xs, None, True, False, torch.float32, torch.float32, None)
+    plan = mod._PsmcScanPlan(mod.linrec_scan_kernel, mod.linrec_chunk_totals_kernel, mod.LINREC_SPEC, xs,
+                             None, True, False, torch.float32, torch.float32, None)
     programs, chunks = plan.grid
     assert (chunks > 1) == two and (plan.totals is not None) == two
     if two:
@@ -196,7 +197,7 @@ def test_autotune_times_one_pass_against_two(faster, monkeypatch):
     mod = triton_backend.module(load("linrec").ir, interpret=True)
     monkeypatch.setattr(mod, "_psmc_sms", lambda device: 132)
     launched = []
-    monkeypatch.setattr(mod, "_psmc_launch", lambda kernel, totals_kernel, spec, plan, *a: launched.append(plan))
+    monkeypatch.setattr(mod, "_psmc_launch", lambda plan, *a: launched.append(plan))
 
     def fake_bench(fn, **kw):
         fn()
@@ -204,8 +205,8 @@ def test_autotune_times_one_pass_against_two(faster, monkeypatch):
         return 1.0 + (two == (faster == "one")) + launched[-1].config[1] / 1e6
     monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
     x = draw(load("linrec"), (1, 2048), dtype=torch.float32)
-    first = mod._PsmcScanPlan(mod.LINREC_SPEC, list(x.values()), None, False, False, torch.float32,
-                              torch.float32, None)
+    first = mod._PsmcScanPlan(mod.linrec_scan_kernel, mod.linrec_chunk_totals_kernel, mod.LINREC_SPEC,
+                              list(x.values()), None, False, False, torch.float32, torch.float32, None)
     best = mod._psmc_autotune(mod.linrec_scan_kernel, mod.linrec_chunk_totals_kernel, mod.LINREC_SPEC,
                               list(x.values()), None, False, False, torch.float32, torch.float32, first, None)
     assert {p.totals is not None for p in launched} == {True, False}

@@ -15,6 +15,15 @@ The block totals form a shorter sequence whose canonical prefixes are exactly th
 of size >= BS in a position's binary decomposition are the decomposition of its block index), so
 the launcher scans them with the same kernels (`*_s`: states in, prefixes out) and feeds them back.
 
+Forward without gradients runs the `lanes` family instead (`_Lanes`): a block is R threads of E
+elements each (on the GPU one warp, 32 x 4 for nonassoc_mix: `lane_config`). A thread runs its E
+elements' subtree as straight-line scalar code, and the R lane totals go through an in-place
+up-sweep / down-sweep that keeps one value per thread, each level a `tl.gather` of the partner
+lane's value (a warp shuffle) and one `combine`. The split/join levels above hold a level's values
+as ever smaller tensors that Triton still spreads over every thread (redundant combines, and on
+triton 3.6 255 registers with spills at 128 lanes x 8); the gather tree compiles to 40-63
+registers at 32 x 4. `tl.gather` runs compiled (triton 3.6 and 3.9) and under the interpreter.
+
 Backward: the reverse pass over the same tree. `combine_vjp`, `lift_vjp` and `output_vjp` are
 vector-Jacobian products of the scalarized functions, differentiated by sympy (`where` stays a
 `Piecewise`, so an untaken branch contributes an exact 0, never NaN * 0); structurally zero
@@ -26,8 +35,11 @@ Host code: `generate_module_section` adds to the kernels the Python that launche
 (templates/tree_host.j2, one text for every op) and the op's entry `{op}_tree` with its table of
 kernels and block sizes (templates/tree_launch.j2). `psmc compile` pastes that section into a
 vendored module, and the package's tree backend imports the same text from the on-disk cache.
+On CUDA it launches through the scan launchers' `_PsmcLaunch` (templates/triton_launcher.j2,
+pasted into the section too): direct calls of the compiled kernel after the first launch.
 
-Kernels (all take `ACC`, the accumulation dtype, and `HAS_START` where a block may have a start):
+Kernels (all take `ACC`, the accumulation dtype, and `HAS_START` where a block may have a start;
+`lanes_*` are the forward-only twins of the first four):
   {op}_tree_up_x / _up_s        inputs (lift fused) / states  -> block totals
   {op}_tree_down_x / _down_s    ... + block prefixes -> outputs (output fused) / all n+1 prefixes
   {op}_tree_bwd_up_x / _up_s    adjoints of the block totals -> adjoints of inputs / states
@@ -47,12 +59,14 @@ from . import scalarize as S
 from .templates import render
 from .triton import _join
 from .triton_expr import TritonPrinter
+from .vectors import groups, pack, unpack
 
 # The blocks a vendored module is generated with (the GPU's; the package picks per device, see
 # tree_backend.py): elements a program of the split/join kernels (gradients, stream state), and
-# threads a program of the forward-only lanes kernels.
+# threads a program of the forward-only lanes kernels (see lane_config).
 BLOCK = 64
-LANES = 128
+LANES = 32
+LANE_SCALARS = 24
 _NUM_WARPS = {4: 1, 8: 1, 16: 1, 32: 1, 64: 2, 128: 4, 256: 4, 512: 8, 1024: 8}
 KINDS = ("up_x", "up_s", "down_x", "down_s", "bwd_up_x", "bwd_up_s", "bwd_down_x", "bwd_down_s")
 LANE_KINDS = ("lanes_up_x", "lanes_up_s", "lanes_down_x", "lanes_down_s")
@@ -421,17 +435,36 @@ class _Lanes:
     """The forward-only `lanes` family: a block is `R` lanes (threads) of `E` elements each.
 
     Inside a lane the canonical subtree of its E elements is straight-line scalar code on named
-    registers (no data movement at all); the R lane totals then go through the split/join tree of
-    `_Body`, which hands each lane its starting prefix, and the lane's own down-sweep finishes.
-    A lane's E elements are an aligned block, so this is the same canonical tree, cut differently.
+    registers (no data movement at all). Across lanes each thread keeps ONE value per state scalar
+    and the R lane totals go through Blelloch's in-place up-sweep and down-sweep, with `tl.gather`
+    bringing a partner lane's value (a warp shuffle when R = 32 and one warp). The partner at level
+    k is `lane ^ 2^k`: `lane - 2^k` for the lanes that end a group, `lane + 2^k` for those that end
+    its left half, and for every other lane some lane whose value it drops.
+
+    - up, level k -> k + 1: the last lane of each aligned group of 2^(k+1) lanes combines the
+      total of the group's left half (held by the last lane of that half, `lane - 2^k`) with its
+      own (the right half's), so afterwards lane R - 1 holds the block's total and every lane the
+      total of the largest aligned group it ends;
+    - down, from the block's prefix P[b] put into lane R - 1: at level k + 1 -> k a left child
+      (the last lane of a left half) takes its parent's prefix from `lane + 2^k`, and a right child
+      (the group's last lane, holding the parent's prefix) becomes `combine(parent prefix, left
+      sibling total)` with the total from `lane - 2^k`, which the up-sweep left untouched there.
+      Each lane ends with its exclusive prefix; its inclusive end is the next lane's, P[b+1] for
+      the last lane.
+
+    That is DESIGN.md section 1's bracketing exactly (the lanes are aligned blocks of E elements,
+    the groups aligned blocks of lanes), and the lane's own down-sweep finishes it. Lanes that
+    take no part in a level compute a `combine` too and drop it (`tl.where`): SIMT makes that
+    free, and it keeps every level one gather per state scalar and one `combine`.
     """
 
     def __init__(self, sop: S.ScalarOp, lanes: int, per_lane: int):
         self.sop, self.R, self.E = sop, lanes, per_lane
+        self.LR = lanes.bit_length() - 1
         self.LE = per_lane.bit_length() - 1
         self.BS = lanes * per_lane
-        self.cross = _Body(sop, lanes)
-        self.slots = self.cross.slots
+        self.fns = _Body(sop, lanes)  # the helpers' calls, identities and slot names
+        self.slots = self.fns.slots
 
     def vars(self, prefix: str) -> list[str]:
         return [f"{prefix}_{s}" for s in self.slots]
@@ -441,11 +474,16 @@ class _Lanes:
                f"nblk = (n + {self.BS - 1}) // {self.BS}",
                "pid = tl.program_id(0)", "blk = pid % nblk", "row = (pid // nblk).to(tl.int64)",
                "trow = row * nblk", "prow = row * (nblk + 1)",
-               f"base = blk * {self.BS} + tl.arange(0, {self.R}) * {self.E}"]
+               f"lane = tl.arange(0, {self.R})", f"base = blk * {self.BS} + lane * {self.E}"]
         for j in range(self.E):
             out += [f"i{j} = base + {j}", f"m{j} = i{j} < n", f"pos{j} = row * n + i{j}"]
             if prefix_rows:
                 out.append(f"ppos{j} = row * (n + 1) + i{j}")
+        out.append("# lanes that end an aligned group of 2^(k+1) lanes, and the left half of one")
+        for k in range(self.LR):
+            g = 2 << k
+            out.append(f"end{k} = lane % {g} == {g - 1}")
+            out.append(f"mid{k} = lane % {g} == {g // 2 - 1}")
         return out
 
     def x_vars(self, j: int) -> list[str]:
@@ -459,7 +497,7 @@ class _Lanes:
             for f in self.sop.inputs:
                 size = math.prod(f.shape)
                 names = [f"x{j}_{sl.name}" for sl in self.sop.slots(f)]
-                for k0, g in _groups(size):
+                for k0, g in groups(size):
                     if g == 1:
                         out.append(f"{names[k0]} = tl.load(x_{f.name}_ptr + pos{j} * {size} + {k0}, "
                                    f"mask=m{j}, other=0).to(ACC)")
@@ -467,19 +505,19 @@ class _Lanes:
                     v = f"xv{j}_{f.name}_{k0}"
                     out.append(f"{v} = tl.load(x_{f.name}_ptr + pos{j}[:, None] * {size} + "
                                f"({k0} + tl.arange(0, {g}))[None, :], mask=m{j}[:, None], other=0).to(ACC)")
-                    out += _unpack(v, names[k0:k0 + g], self.R)
+                    out += unpack(v, names[k0:k0 + g], str(self.R))
         return out
 
     def lift(self) -> list[str]:
         out = [f"# {self.sop.where('lift')}; past the end: the identity"]
-        ident = self.cross.ident
+        ident = self.fns.ident
         for j in range(self.E):
-            out.append(self.cross.call(self.vars(f"u0_{j}"), "lift", self.x_vars(j)))
+            out.append(self.fns.call(self.vars(f"u0_{j}"), "lift", self.x_vars(j)))
             out += [f"u0_{j}_{s} = tl.where(m{j}, u0_{j}_{s}, {ident[s]})" for s in self.slots]
         return out
 
     def load_s(self) -> list[str]:
-        ident, NS = self.cross.ident, self.cross.NS
+        ident, NS = self.fns.ident, self.fns.NS
         return [f"u0_{j}_{s} = tl.load(st_ptr + pos{j} * {NS} + {q}, mask=m{j}, other={ident[s]}).to(ACC)"
                 for j in range(self.E) for q, s in enumerate(self.slots)]
 
@@ -487,11 +525,57 @@ class _Lanes:
         out = [f"# inside each lane: the subtree of its {self.E} elements"]
         for k in range(self.LE):
             for i in range(self.E >> (k + 1)):
-                out.append(self.cross.call(self.vars(f"u{k + 1}_{i}"), "combine",
-                                           self.vars(f"u{k}_{2 * i}"), self.vars(f"u{k}_{2 * i + 1}")))
-        out.append(f"# across lanes: the {self.R} lane totals")
+                out.append(self.fns.call(self.vars(f"u{k + 1}_{i}"), "combine",
+                                         self.vars(f"u{k}_{2 * i}"), self.vars(f"u{k}_{2 * i + 1}")))
+        out.append(f"# across lanes: the {self.R} lane totals, one per thread")
         out += [f"t0_{s} = u{self.LE}_0_{s}" for s in self.slots]
-        return out + self.cross.up()
+        for k in range(self.LR):
+            g = 2 << k
+            m = self.R >> (k + 1)
+            out.append(f"# level {k} -> {k + 1}: the last lane of {'each of the ' if m > 1 else ''}{m} group"
+                       f"{'s' if m > 1 else ''} of {g} lanes (end{k}) combines its left half's total "
+                       f"(lane - {g // 2}) with its own")
+            out += [f"w{k}_{s} = tl.gather(t{k}_{s}, lane ^ {g // 2}, 0)" for s in self.slots]
+            out.append(self.fns.call(self.vars(f"c{k}"), "combine", self.vars(f"w{k}"), self.vars(f"t{k}")))
+            out += [f"t{k + 1}_{s} = tl.where(end{k}, c{k}_{s}, t{k}_{s})" for s in self.slots]
+        return out
+
+    def start(self) -> tuple[list[str], list[str]]:
+        """(with a start prefix, without): ps = P[b] and pe = P[b+1]; with one they are scalars
+        loaded from the scan of the block totals, without it P[b] = e and P[b+1] = combine(e,
+        block total), the latter meaningful in lane R - 1 only (where the total is)."""
+        NS, L = self.fns.NS, self.LR
+        given = [f"ps_{s} = tl.load(pin_ptr + (prow + blk) * {NS} + {j}).to(ACC)"
+                 for j, s in enumerate(self.slots)]
+        given += [f"pe_{s} = tl.load(pin_ptr + (prow + blk + 1) * {NS} + {j}).to(ACC)"
+                  for j, s in enumerate(self.slots)]
+        none = [f"ps_{s} = tl.full([{self.R}], {self.fns.ident[s]}, ACC)" for s in self.slots]
+        none.append(self.fns.call(self.vars("pe"), "combine", self.vars("ps"), self.vars(f"t{L}")))
+        return given, none
+
+    def cross_down(self) -> list[str]:
+        """Each lane's exclusive prefix p0 and inclusive end q0, from P[b] in lane R - 1."""
+        L = self.LR
+        out = [f"# across lanes, from the block's prefix in lane {self.R - 1}"]
+        out += [f"p{L}_{s} = tl.where(lane == {self.R - 1}, ps_{s}, t{L}_{s})" for s in self.slots]
+        for k in range(L - 1, -1, -1):
+            h = 1 << k
+            out.append(f"# level {k + 1} -> {k}: left children (mid{k}) take their parent's prefix (lane + {h}), "
+                       f"right children (end{k}) combine(parent prefix, left sibling total) (lane - {h})")
+            out += [f"o{k}_{s} = tl.gather(p{k + 1}_{s}, lane ^ {h}, 0)" for s in self.slots]
+            out.append(self.fns.call(self.vars(f"rp{k}"), "combine", self.vars(f"p{k + 1}"), self.vars(f"o{k}")))
+            out += [f"p{k}_{s} = tl.where(end{k}, rp{k}_{s}, tl.where(mid{k}, o{k}_{s}, p{k + 1}_{s}))"
+                    for s in self.slots]
+        out.append(f"# a lane's inclusive end is the next lane's prefix; lane {self.R - 1}'s is P[b+1]")
+        out += [f"q0_{s} = tl.where(lane == {self.R - 1}, pe_{s}, tl.gather(p0_{s}, (lane + 1) % {self.R}, 0))"
+                for s in self.slots]
+        return out
+
+    def store_total(self) -> list[str]:
+        NS, L = self.fns.NS, self.LR
+        out = [f"# lane {self.R - 1} holds the block's total"]
+        return out + [f"tl.store(tot_ptr + (trow + blk) * {NS} + {j} + 0 * lane, t{L}_{s}, mask=lane == {self.R - 1})"
+                      for j, s in enumerate(self.slots)]
 
     def down(self) -> tuple[list[str], list[str], list[str]]:
         """Lines of the in-lane down-sweep, and per element its exclusive / inclusive prefix."""
@@ -502,8 +586,8 @@ class _Lanes:
                 parent = name[(k + 1, i)]
                 name[(k, 2 * i)] = parent
                 name[(k, 2 * i + 1)] = f"d{k}_{2 * i + 1}"
-                out.append(self.cross.call(self.vars(f"d{k}_{2 * i + 1}"), "combine",
-                                           self.vars(parent), self.vars(f"u{k}_{2 * i}")))
+                out.append(self.fns.call(self.vars(f"d{k}_{2 * i + 1}"), "combine",
+                                         self.vars(parent), self.vars(f"u{k}_{2 * i}")))
         excl = [name[(0, j)] for j in range(self.E)]
         incl = excl[1:] + ["q0"]
         return out, excl, incl
@@ -513,23 +597,23 @@ class _Lanes:
                f"({'exclusive' if self.sop.op.exclusive else 'inclusive'} prefix)"]
         for j in range(self.E):
             ys = [f"y{j}_{s.name}" for s in self.sop.output_slots]
-            out.append(self.cross.call(ys, "output", self.vars(pre[j]), self.x_vars(j)))
+            out.append(self.fns.call(ys, "output", self.vars(pre[j]), self.x_vars(j)))
             for f in self.sop.outputs:
                 size = math.prod(f.shape)
                 names = [f"y{j}_{sl.name}" for sl in self.sop.slots(f)]
                 dt = f"y_{f.name}_ptr.dtype.element_ty"
-                for k0, g in _groups(size):
+                for k0, g in groups(size):
                     if g == 1:
                         out.append(f"tl.store(y_{f.name}_ptr + pos{j} * {size} + {k0}, "
                                    f"{names[k0]}.to({dt}), mask=m{j})")
                         continue
                     out.append(f"tl.store(y_{f.name}_ptr + pos{j}[:, None] * {size} + ({k0} + "
-                               f"tl.arange(0, {g}))[None, :], {_pack(names[k0:k0 + g], self.R)}.to({dt}), "
+                               f"tl.arange(0, {g}))[None, :], {pack(names[k0:k0 + g], str(self.R))}.to({dt}), "
                                f"mask=m{j}[:, None])")
         return out
 
     def store_prefixes(self, excl: list[str], incl: list[str]) -> list[str]:
-        NS = self.cross.NS
+        NS = self.fns.NS
         out = []
         for j in range(self.E):
             out += [f"tl.store(pout_ptr + ppos{j} * {NS} + {q}, {excl[j]}_{s}, mask=m{j})"
@@ -539,38 +623,17 @@ class _Lanes:
         return out
 
 
-def _groups(size: int) -> list[tuple[int, int]]:
-    """(first scalar, count) of the vectors a field of `size` scalars is moved in: 4, 2 or 1."""
-    out, k = [], 0
-    while k < size:
-        g = 4 if size - k >= 4 else 2 if size - k >= 2 else 1
-        out.append((k, g))
-        k += g
-    return out
-
-
-def _unpack(src: str, cols: list[str], R: int) -> list[str]:
-    """`cols[c] = src[:, c]` for a [R, len(cols)] tensor, by halving splits (evens, odds)."""
-    g = len(cols)
-    if g == 1:
-        return [f"{cols[0]} = tl.reshape({src}, [{R}])"]
-    lines = [f"{src}e, {src}o = tl.split(tl.reshape({src}, [{R}, {g // 2}, 2]))"]
-    return lines + _unpack(f"{src}e", cols[0::2], R) + _unpack(f"{src}o", cols[1::2], R)
-
-
-def _pack(cols: list[str], R: int) -> str:
-    """The [R, len(cols)] tensor whose column c is cols[c] (the inverse of `_unpack`)."""
-    g = len(cols)
-    if g == 1:
-        return f"tl.reshape({cols[0]}, [{R}, 1])"
-    return f"tl.reshape(tl.join({_pack(cols[0::2], R)}, {_pack(cols[1::2], R)}), [{R}, {g}])"
-
-
-def lane_config(op: ir.Op, lanes: int = 128) -> tuple[int, int]:
-    """(lanes, elements per lane): about 64 state scalars of in-lane tree per lane."""
-    ns = len(S.ScalarOp(op).state_slots)
-    per_lane = 1 << max(1, min(4, (64 // max(1, ns)).bit_length() - 1))
-    return lanes, per_lane
+def lane_config(op: ir.Op, lanes: int = 0, per_lane: int = 0) -> tuple[int, int]:
+    """(lanes, elements per lane), each 0 for the default: LANES lanes (one warp, so the
+    cross-lane gathers are warp shuffles), and about LANE_SCALARS state scalars of in-lane leaves
+    per lane, 2 to 4 elements. Measured only for nonassoc_mix[D=4] (5 state scalars: 4 elements,
+    best at long T on an H100; 8 or 16 need more registers and ran slower); larger states get 2
+    so that a lane's registers stay about the same (softmax_agg[D=8], 10 scalars: 63 at 32 x 2,
+    77 at 32 x 4 on triton 3.6)."""
+    if not per_lane:
+        ns = len(S.ScalarOp(op).state_slots)
+        per_lane = 1 << max(1, min(2, (LANE_SCALARS // max(1, ns)).bit_length() - 1))
+    return lanes or LANES, per_lane
 
 
 def generate(op: ir.Op, block: int = BLOCK, lanes: int = 0, per_lane: int = 0) -> TreeKernels:
@@ -635,13 +698,13 @@ def generate(op: ir.Op, block: int = BLOCK, lanes: int = 0, per_lane: int = 0) -
 def _lane_pieces(sop: S.ScalarOp, lanes: int, per_lane: int) -> dict:
     L = _Lanes(sop, lanes, per_lane)
     down, excl, incl = L.down()
-    given, none = L.cross.start(need_q=True)
+    given, none = L.start()
     pre = excl if sop.op.exclusive else incl
     return {"R": L.R, "E": L.E, "head": L.head(False), "head_p": L.head(True), "load_x": L.load_x(),
             "lift": L.lift(), "load_s": L.load_s(), "up": L.up(), "start_given": given,
-            "start_none": none, "cross_down": L.cross.down(need_p0=True, need_q=True), "down": down,
+            "start_none": none, "cross_down": L.cross_down(), "down": down,
             "output": L.output(pre), "store_prefixes": L.store_prefixes(excl, incl),
-            "store_total": L.cross.store_total()}
+            "store_total": L.store_total()}
 
 
 def num_warps(threads: int) -> int:
@@ -649,13 +712,14 @@ def num_warps(threads: int) -> int:
     return _NUM_WARPS.get(threads, 4)
 
 
-def generate_module_section(op: ir.Op, block: int = BLOCK, lanes: int = LANES) -> str:
+def generate_module_section(op: ir.Op, block: int = BLOCK, lanes: int = 0, per_lane: int = 0) -> str:
     """The tree kernels of `op` (forward and reverse), the host code that launches them and the
-    op's entry `{op}_tree(spec, fns, p, initial, return_state)`, as Python source text.
+    op's entry `{op}_tree(spec, fns, p, initial, return_state)`, as Python source text; `lanes`
+    and `per_lane` (0: lane_config's default) shape the forward-only lanes kernels.
 
     This is what `psmc compile` pastes into DIR/<op>.py after the torch-only runtime and
     `import triton`, `import triton.language as tl`; `generate_module` wraps it for the cache."""
-    per_lane = lane_config(op, lanes)[1]
+    lanes, per_lane = lane_config(op, lanes, per_lane)
     tk = generate(op, block, lanes, per_lane)
     launch = render("tree_launch.j2", name=op.name, path=S.ScalarOp(op).path,
                     table=f"{op.name.upper()}_TREE", block=block, warps=num_warps(block),
@@ -665,7 +729,7 @@ def generate_module_section(op: ir.Op, block: int = BLOCK, lanes: int = LANES) -
     return _join(tk.source, render("tree_host.j2"), launch)
 
 
-def generate_module(op: ir.Op, version: str, block: int = BLOCK, lanes: int = LANES) -> str:
+def generate_module(op: ir.Op, version: str, block: int = BLOCK, lanes: int = 0, per_lane: int = 0) -> str:
     """The section as a module of its own, taking the runtime from psmc.standalone (the cache's)."""
     return render("tree_module.j2", name=op.name, version=version, path=S.ScalarOp(op).path,
-                  section=generate_module_section(op, block, lanes))
+                  section=generate_module_section(op, block, lanes, per_lane))

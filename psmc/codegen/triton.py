@@ -88,7 +88,7 @@ def sections(op: ir.Op, force: str | None = None) -> dict[str, str]:
     out = {"prelude": render("triton_prelude.j2"), "backward": ""}
     strat = strategy(op, sop, force)
     if strat == "scan":
-        spec = dict(triton_scan.spec(sop), strategy="scan")
+        spec = dict(triton_scan.spec(sop), strategy="scan", vectors=triton_scan.vector_fields(sop))
         adj, adjf, why = backward_plan(sop)
         saved = triton_adjoint.saved_states(sop, adj) if adj is not None else None
         shares = triton_adjoint.lane_shares(adj, adjf)
@@ -98,7 +98,8 @@ def sections(op: ir.Op, force: str | None = None) -> dict[str, str]:
             saved=None if saved is None else list(dict.fromkeys(f.name for f, _ in saved.values())))
         out["forward"] = _join(triton_scan.generate(op, sop),
                                render("triton_launch_scan.j2", name=name, path=sop.path,
-                                      spec_name=spec_name, spec=literal(spec)))
+                                      spec_name=spec_name, spec=literal(spec),
+                                      has_backward=adj is not None))
         if adj is not None:
             same = adjf is not None and adjf.live == adj.live and adjf.pattern == adj.pattern
             kernels = [triton_adjoint.generate(op, sop, adj, shares=shares)]
@@ -123,7 +124,8 @@ def sections(op: ir.Op, force: str | None = None) -> dict[str, str]:
         spec = dict(triton_recurrent.spec(sop, backward=why is None), strategy="recurrent")
         out["forward"] = _join(triton_recurrent.generate(op, sop),
                                render("triton_launch_recurrent.j2", name=name, path=sop.path,
-                                      spec_name=spec_name, spec=literal(spec), lane=sop.lane.name))
+                                      spec_name=spec_name, spec=literal(spec), lane=sop.lane.name,
+                                      has_backward=why is None))
         if why is None:
             out["backward"] = _join(triton_recurrent.generate_backward(op, sop), render(
                 "triton_launch_recurrent_backward.j2", name=name, path=sop.path,
@@ -193,10 +195,15 @@ def kernel_signatures(op: ir.Op, input_dtype: str = "f32") -> list[tuple[str, di
         return out
     tile = 1 << (16384 // max(1, spec["scalars"])).bit_length() - 1
     block_t = max(128, min(4096, tile))
+    # the vector fields take their vector path (dense inputs, as from torch.randn)
+    vec = {f"{p}_VEC": 2 for p in triton_scan.vector_fields(sop)}
     out = [(f"{op.name}_scan_kernel", types, {"HAS_INIT": True, "STORE_FINAL": True, "STORE_CKPT": True,
                                               "FROM_TOTALS": True, "ACC": "fp32", "BLOCK_L": 1,
-                                              "BLOCK_T": block_t, "BLOCK_C": 64}, 4),
-           (f"{op.name}_chunk_totals_kernel", types, {"ACC": "fp32", "BLOCK_L": 1, "BLOCK_T": block_t}, 4)]
+                                              "BLOCK_T": block_t, "BLOCK_C": 64, "GATHER_LAST": True, "STAGES": 2,
+                                              **vec}, 4),
+           (f"{op.name}_chunk_totals_kernel", types,
+            {"ACC": "fp32", "BLOCK_L": 1, "BLOCK_T": block_t, "GATHER_LAST": True, "STAGES": 2,
+             **{k: v for k, v in vec.items() if k.startswith("in_")}}, 4)]
     adj, adjf, _ = backward_plan(sop)
     if adj is not None:
         bw = {"HAS_GFINAL": True, "HAS_GINIT": True, "ACC": "fp32", "BLOCK_L": 1, "BLOCK_T": block_t}

@@ -6,6 +6,12 @@ in its interpreter: `where` for Piecewise, `maximum`/`minimum` for Max/Min, `exp
 …) are avoided: they are decorated once, when triton is imported, so a process that runs compiled
 kernels on CUDA tensors and interpreted ones on CPU tensors cannot call them from both. Sigmoid,
 tanh, softplus, logaddexp, log1p and expm1 print as short formulas.
+
+`fast=True` prints exp and log as the generated module's own `_psmc_exp` / `_psmc_log` (defined
+in templates/triton_prelude.j2): for f32 on a GPU, one MUFU instruction each (ex2.approx.ftz and
+lg2.approx.ftz) instead of tl.exp's four and tl.log's ~25; for f64, and under the interpreter,
+tl.exp and tl.log. The forward scan kernels use it, where exp and log are most of the work of a
+combine (logcumsumexp, online softmax).
 """
 
 from __future__ import annotations
@@ -20,6 +26,10 @@ from .scalarize import logaddexp, sigmoid, softplus, trunc
 
 class TritonPrinter(StrPrinter):
     """Prints one scalar expression as Triton code (operands are tensors of one shape)."""
+
+    def __init__(self, settings=None, fast: bool = False):
+        super().__init__(settings)
+        self.exp, self.log = ("_psmc_exp", "_psmc_log") if fast else ("tl.exp", "tl.log")
 
     def _print_Symbol(self, e):
         return e.name
@@ -70,16 +80,16 @@ class TritonPrinter(StrPrinter):
             return "(" + " * ".join([base] * int(x)) + ")"
         if x.is_Integer and -4 <= int(x) <= -2:
             return "1.0 / (" + " * ".join([base] * -int(x)) + ")"
-        return f"tl.exp({self._print(x)} * tl.log({self._print(b)}))"
+        return f"{self.exp}({self._print(x)} * {self.log}({self._print(b)}))"
 
     def _fn(self, name, e):
         return f"{name}({', '.join(self._print(a) for a in e.args)})"
 
     def _print_exp(self, e):
-        return self._fn("tl.exp", e)
+        return self._fn(self.exp, e)
 
     def _print_log(self, e):
-        return self._fn("tl.log", e)
+        return self._fn(self.log, e)
 
     def _print_sin(self, e):
         return self._fn("tl.sin", e)
@@ -91,27 +101,27 @@ class TritonPrinter(StrPrinter):
         return self._fn("tl.abs", e)
 
     def _print_sigmoid(self, e):  # tl.sigmoid is a jit function of triton's library: see module doc
-        return f"(1.0 / (1.0 + tl.exp(-({self._print(e.args[0])}))))"
+        return f"(1.0 / (1.0 + {self.exp}(-({self._print(e.args[0])}))))"
 
     def _print_tanh(self, e):
         x = self._print(e.args[0])
-        return f"(2.0 / (1.0 + tl.exp(-2.0 * ({x}))) - 1.0)"
+        return f"(2.0 / (1.0 + {self.exp}(-2.0 * ({x}))) - 1.0)"
 
     def _print_softplus(self, e):
         x = self._print(e.args[0])
-        return f"tl.where(({x}) > 20.0, ({x}), tl.log(1.0 + tl.exp({x})))"
+        return f"tl.where(({x}) > 20.0, ({x}), {self.log}(1.0 + {self.exp}({x})))"
 
     def _print_logaddexp(self, e):
         a, b = (self._print(x) for x in e.args)
         m = f"tl.maximum({a}, {b})"
         return (f"tl.where({m} == float(\"-inf\"), {m}, "
-                f"{m} + tl.log(tl.exp(({a}) - {m}) + tl.exp(({b}) - {m})))")
+                f"{m} + {self.log}({self.exp}(({a}) - {m}) + {self.exp}(({b}) - {m})))")
 
     def _print_log1p(self, e):
-        return f"tl.log(1.0 + {self.parenthesize(e.args[0], PRECEDENCE['Add'])})"
+        return f"{self.log}(1.0 + {self.parenthesize(e.args[0], PRECEDENCE['Add'])})"
 
     def _print_expm1(self, e):
-        return f"(tl.exp({self._print(e.args[0])}) - 1.0)"
+        return f"({self.exp}({self._print(e.args[0])}) - 1.0)"
 
     def _print_trunc(self, e):
         return f"({self._print(e.args[0])}).to(tl.int64)"
@@ -163,21 +173,21 @@ class TritonPrinter(StrPrinter):
         return f"(~{self._print(e.args[0])})"
 
 
-_PRINTER = TritonPrinter({"order": "none"})
+_PRINTERS = {fast: TritonPrinter({"order": "none"}, fast=fast) for fast in (False, True)}
 
 
-def texpr(e: sp.Expr) -> str:
-    """One expression as Triton code."""
-    return _PRINTER.doprint(e)
+def texpr(e: sp.Expr, fast: bool = False) -> str:
+    """One expression as Triton code (`fast`: exp and log as the module's _psmc_exp/_psmc_log)."""
+    return _PRINTERS[fast].doprint(e)
 
 
-def statements(targets: list[tuple[str, sp.Expr]], tmp: str) -> list[str]:
+def statements(targets: list[tuple[str, sp.Expr]], tmp: str, fast: bool = False) -> list[str]:
     """`name = expr` lines for every target, shared subexpressions first as `{tmp}0, {tmp}1, …`."""
     names = [n for n, _ in targets]
     exprs = [sp.sympify(e) for _, e in targets]
     reps, reduced = sp.cse(exprs, symbols=sp.numbered_symbols(tmp), order="none")
-    lines = [f"{s} = {texpr(v)}" for s, v in reps]
-    lines += [f"{n} = {texpr(v)}" for n, v in zip(names, reduced)]
+    lines = [f"{s} = {texpr(v, fast)}" for s, v in reps]
+    lines += [f"{n} = {texpr(v, fast)}" for n, v in zip(names, reduced)]
     return lines
 
 

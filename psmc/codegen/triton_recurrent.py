@@ -331,7 +331,7 @@ def generate_backward(op: ir.Op, sop: S.ScalarOp) -> str:
         if f.lane_axis is None:
             load = f"tl.where(block0, {load}, 0.0)"
         gfinal_loads.append(f"lam_{f.name} = {load}")
-        gfinal_zeros.append(f"lam_{f.name} = tl.zeros({fields.shape(f)}, ACC)")
+        gfinal_zeros.append(f"lam_{f.name} = tl.full({fields.shape(f)}, 0, ACC)")
     ginit_stores = []  # after the first token, lam_ is the initial state's gradient
     for f in float_state:
         m = fields.mask(f)
@@ -371,7 +371,8 @@ def generate_backward(op: ir.Op, sop: S.ScalarOp) -> str:
     carry = []
     for f in float_state:
         g = vc.total("l", f.name)
-        combine_grad.append(f"gs_{f.name} = {g}" if g else f"gs_{f.name} = tl.zeros({fields.shape(f)}, ACC)")
+        zero = f"tl.full({fields.shape(f)}, 0, ACC)"  # not tl.zeros: a library jit function (triton_expr.py)
+        combine_grad.append(f"gs_{f.name} = {g or zero}")
         carry.append(f"lam_{f.name} = gs_{f.name}")
     carry += [f"h_{f.name} = p_{f.name}" for f in sop.state]
 
@@ -383,7 +384,8 @@ def generate_backward(op: ir.Op, sop: S.ScalarOp) -> str:
         if vl.total("x", f.name):
             gx_terms[f.name].append(vl.total("x", f.name))
         terms = gx_terms[f.name]
-        lift_grad.append(f"gx_{f.name} = " + (" + ".join(terms) if terms else f"tl.zeros({fields.shape(f)}, ACC)"))
+        zero = f"tl.full({fields.shape(f)}, 0, ACC)"
+        lift_grad.append(f"gx_{f.name} = " + (" + ".join(terms) if terms else zero))
 
     sizes |= vo.sizes | vc.sizes | vl.sizes
     ranges = ["ar_lane = tl.arange(0, BLOCK_L)"] if any(f.lane_axis is not None for f in sop.state) else []
