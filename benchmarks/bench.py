@@ -294,6 +294,20 @@ def part_backward(args, copy_gbs):
     a.grad = b.grad = None
     ms = do_bench(psmc_fb, warmup=25, rep=200, grad_to_none=[a, b], return_mode="median")
     row("linrec fwd+bwd", shape, "psmc (derived backward)", ms, moved, copy_gbs)
+    # the block shape's effect: the backward shares BLOCK_T with the forward and runs at least
+    # BLOCK_T / 256 warps, so (1, 4096, 8) means a 16-warp backward (psmc caps training tiles at 2048)
+    for cfg in args.bwd_configs:
+        triton_backend.FORCE_CONFIG = cfg
+        try:
+            a.grad = b.grad = None
+            psmc_fb()
+            err = max(rel_err(ga, a.grad), rel_err(gb, b.grad))
+            ms = do_bench(psmc_fb, warmup=25, rep=200, grad_to_none=[a, b], return_mode="median")
+            row("linrec fwd+bwd", shape, f"psmc forced {cfg}", ms, moved, copy_gbs, {"grad_rel_err": err})
+        except Exception as e:  # noqa: BLE001
+            log(f"forced {cfg} failed: {e!r}"[:300])
+        finally:
+            triton_backend.FORCE_CONFIG = None
     try:
         from accelerated_scan.scalar import scan as acc_scan
 
@@ -649,6 +663,9 @@ def main():
     ap.add_argument("--parts", default="copy,linrec,backward,wide_bwd,sweep,curve,twopass,examples,gla,gla_bwd")
     ap.add_argument("--peers", default="acc,torch")
     ap.add_argument("--gla-configs", type=int, default=4)
+    ap.add_argument("--bwd-configs", default="1x2048x8,1x4096x8,1x1024x4",
+                    type=lambda s: [tuple(int(v) for v in c.split("x")) for c in s.split(",") if c],
+                    help="forced (BLOCK_L x BLOCK_T x warps) block shapes for linrec fwd+bwd")
     ap.add_argument("--examples", default="", help="comma-separated subset of the examples part")
     ap.add_argument("--wide-cases", default="s5:f32,softmax_attn:f32,softmax_attn:bf16",
                     help="op:dtype cases of the wide_bwd part")
