@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import psmc  # noqa: E402
+from benchmarks.timing import graph_replay  # noqa: E402
 from psmc import tree_backend  # noqa: E402
 from psmc.codegen import tree as tree_codegen  # noqa: E402
 
@@ -50,22 +51,10 @@ def bench(fn, warmup=25, rep=200) -> float:
 
 
 def graph_bench(fn) -> float | None:
-    """Median microseconds of replaying `fn`'s launches from a CUDA graph: the GPU time of the
-    kernels alone. do_bench on the call itself hides host time only up to the length of its L2
-    flush, and this host runs Python several times slower than a workstation, so for calls of
-    several short kernels the plain timing measures the host; the graph replay does not."""
+    """Median microseconds of replaying `fn`'s launches from a CUDA graph: the kernels alone."""
     if not torch.cuda.is_available():
         return None
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up outside the capture: compiles, plans, allocations
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return bench(graph.replay)
+    return bench(graph_replay(fn))
 
 
 def parse_configs(text: str) -> list[tuple[int, int]]:
