@@ -39,7 +39,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's psmc
-from benchmarks.timing import graph_replay  # noqa: E402
 
 
 # ---- stand-ins for the kernels and Triton's driver (--fake-kernels) --------------------------
@@ -236,11 +235,7 @@ def main_cuda(args) -> None:
         line = f"  {name:52s} host {h:7.1f}  wall {w:7.1f}"
         if "forward + backward" in name and "empty" not in name:
             line += f"  do_bench {do_bench(fn, warmup=25, rep=200, return_mode='median') * 1e3:7.1f}"
-            try:  # the kernels alone: a CUDA graph of the same call, replayed
-                replay = graph_replay(fn)
-                line += f"  graph replay {do_bench(replay, warmup=25, rep=200, return_mode='median') * 1e3:7.1f}"
-            except Exception as e:  # noqa: BLE001
-                line += f"  graph replay failed: {e!r}"[:120]
+
         print(line, flush=True)
     small = {k: torch.rand(1, 4, 64, device="cuda").requires_grad_() for k in "ab"}
     gs = torch.randn(1, 4, 64, device="cuda")
