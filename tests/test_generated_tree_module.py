@@ -132,9 +132,11 @@ def test_vendored_tree_module_matches_the_package(build, tmp_path, name):
     close(got["stepped"], tuple(y[:, 70:] for y in as_tuple(op.reference(**xs[100]))), F64_TOL)
 
 
+@pytest.mark.parametrize("kind", tree_codegen.KINDS + tree_codegen.LANE_KINDS)
 @pytest.mark.parametrize("name", TREE_OPS)
-def test_vendored_tree_kernels_compile_for_sm90(build, name):
-    """The vendored module's own kernels, imported compiled (not interpreted), ahead of time."""
+def test_vendored_tree_kernels_compile_for_sm90(build, name, kind):
+    """The vendored module's own kernels, imported compiled (not interpreted), ahead of time: one
+    test a kernel, so that pytest-xdist spreads the compiles over its workers."""
     triton = pytest.importorskip("triton")
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -146,10 +148,11 @@ def test_vendored_tree_kernels_compile_for_sm90(build, name):
     lanes = tree_codegen.LANES
     tk = tree_codegen.generate(op.ir, table["block"], lanes, table["lane_block"] // lanes)
     assert set(table["kernels"]) == set(tk.kinds)
-    target = GPUTarget("cuda", 90, 32)
-    for kind, fn in table["kernels"].items():
-        sig = tk.signature(kind)
-        consts = {"ACC": tl.float32, **({"HAS_START": True} if "HAS_START" in sig else {})}
-        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
+    sig = tk.signature(kind)
+    for has_start in ([True, False] if "HAS_START" in sig else [None]):  # a stream's blocks; a fresh call's
+        consts = {"ACC": tl.float32, **({} if has_start is None else {"HAS_START": has_start})}
+        compiled = triton.compile(ASTSource(fn=table["kernels"][kind], signature=sig, constexprs=consts),
+                                  target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": table["lane_warps" if kind.startswith("lanes_") else "warps"]})
-        assert ".target sm_90" in compiled.asm["ptx"], kind
+        assert ".target sm_90" in compiled.asm["ptx"], (kind, has_start)
+        assert compiled.asm["cubin"], (kind, has_start)

@@ -218,8 +218,10 @@ def kernel_signatures(op: ir.Op, input_dtype: str = "f32") -> list[tuple[str, di
     return out
 
 
-def compile_ahead(op: ir.Op, module, arch: int = 90, input_dtype: str = "f32") -> list:
-    """Compile every kernel of a generated module for `sm_{arch}` without a GPU (triton.compile)."""
+def compile_ahead(op: ir.Op, module, arch: int = 90, input_dtype: str = "f32",
+                  only: str | None = None) -> list:
+    """Compile every kernel of a generated module (or the one named `only`) for `sm_{arch}` without
+    a GPU (triton.compile)."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -227,6 +229,8 @@ def compile_ahead(op: ir.Op, module, arch: int = 90, input_dtype: str = "f32") -
 
     out = []
     for name, types, constexprs, warps in kernel_signatures(op, input_dtype):
+        if only is not None and name != only:
+            continue
         fn = getattr(module, name)
         consts = {k: (getattr(tl, {"fp32": "float32", "fp64": "float64"}[v]) if k == "ACC" else v)
                   for k, v in constexprs.items()}
