@@ -178,7 +178,8 @@ def main() -> int:
         wrong_path = DEVICE == "cuda" and name in KERNEL_BACKWARD and path != "kernel"
         ok &= not bad and not wrong_path
         note = "  <-- too large" if bad else "  <-- not the derived kernel" if wrong_path else ""
-        print(f"{name:14s} {f:10.2e} {g:10.2e} {path:>6s} {s:10.2e} {t:6.1f}{note}", flush=True)
+        grad = f"{g:10.2e}" if g == g else f"{'-':>10s}"  # nan: no float input, no gradient
+        print(f"{name:14s} {f:10.2e} {grad} {path:>6s} {s:10.2e} {t:6.1f}{note}", flush=True)
     m = check_compiled_module()
     print(f"compiled linrec module on CUDA: fwd/grad rel {m:.2e}", flush=True)
     ok &= m < 1e-4
