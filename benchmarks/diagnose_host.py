@@ -189,6 +189,28 @@ def host_us(fn, n: int):
     return (t1 - t0) / n * 1e6, (t2 - t0) / n * 1e6
 
 
+def gpu_kernel_us(fn, n: int) -> list[tuple[str, float]]:
+    """Microseconds of GPU time per call of `fn`, by kernel (and their total), from the profiler's
+    CUDA activity: the kernels alone, whatever the host does (a CUDA graph of forward + backward
+    could not be captured on the H200)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    out = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        us = e.self_cuda_time_total if us is None else us
+        if us > 0:
+            out.append((e.key[:40], us / n))
+    out.sort(key=lambda kv: -kv[1])
+    return out + [("total", sum(us for _, us in out))]
+
+
 def rel_err(x, y) -> float:
     return ((x.double() - y.double()).abs().max() / y.double().abs().max().clamp_min(1e-30)).item()
 
@@ -237,6 +259,10 @@ def main_cuda(args) -> None:
             line += f"  do_bench {do_bench(fn, warmup=25, rep=200, return_mode='median') * 1e3:7.1f}"
 
         print(line, flush=True)
+    print("GPU time per forward + backward by kernel (torch.profiler, mean of 20 calls):")
+    for name, fn in rows:
+        if "forward + backward" in name and "empty" not in name:
+            print(f"  {name}: " + ", ".join(f"{k} {us:.1f}" for k, us in gpu_kernel_us(fn, 20)), flush=True)
     small = {k: torch.rand(1, 4, 64, device="cuda").requires_grad_() for k in "ab"}
     gs = torch.randn(1, 4, 64, device="cuda")
     tiny = calls(op, small["a"], small["b"], gs)[2][1]
