@@ -167,7 +167,8 @@ def kernel_signatures(op: ir.Op, input_dtype: str = "f32") -> list[tuple[str, di
     Float inputs are typed `input_dtype` (f32, f16 or bf16: the kernels upcast in registers);
     outputs and state are f32, integers as declared. Every optional branch is switched on. Scan
     kernels get 4 warps; their backward kernels the warps the backward launcher would give them
-    at that tile (`_PsmcBackwardPlan`: 8 elements a thread, 1 for a wide adjoint scan).
+    at that tile (`_PsmcBackwardPlan`: 8 elements a thread; 16 for a narrow adjoint scan of at
+    most 4 scalars, on its own warp count; 1 for a wide one).
     """
     sop = S.scalarize(op)
     spec = triton_scan.spec(sop)
@@ -207,8 +208,9 @@ def kernel_signatures(op: ir.Op, input_dtype: str = "f32") -> list[tuple[str, di
     adj, adjf, _ = backward_plan(sop)
     if adj is not None:
         bw = {"HAS_GFINAL": True, "HAS_GINIT": True, "ACC": "fp32", "BLOCK_L": 1, "BLOCK_T": block_t}
-        wide = max(triton_adjoint.widest(a) for a in (adj, adjf) if a is not None) > 32
-        warps = min(16, max(4, block_t // (32 * (1 if wide else 8))))
+        widest = max(triton_adjoint.widest(a) for a in (adj, adjf) if a is not None)
+        per_thread = 16 if widest <= 4 else 8 if widest <= 32 else 1
+        warps = min(16, max(1 if widest <= 4 else 4, block_t // (32 * per_thread)))
         out.append((f"{op.name}_backward_kernel", types, bw, warps))
         if triton_adjoint.saved_states(sop, adj) is not None:
             out.append((f"{op.name}_backward_saved_kernel", types, bw, warps))

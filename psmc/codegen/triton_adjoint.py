@@ -268,11 +268,13 @@ def generate(op: ir.Op, sop: S.ScalarOp, adj: Adjoint, suffix: str = "",
         now_needed = adj.needs("e")
     now_inputs = adj.needs("x") | {s.name[2:] for a in sop.lift.assigns if a.name in now_needed
                                    for s in a.expr.free_symbols}
-    # A wide adjoint (several scans) defers what only the gradients read until after its scans,
-    # when its elements read no state: fewer values live across them (s5: the 25 states).
+    # A wide adjoint (several scans), or one reading the outputs as states, defers what only the
+    # gradients read until after its scans, when its elements read no state: fewer values live
+    # across them (s5: the 25 states; linrec: its backward 320 -> 302 us on the H200, reading
+    # y[t-1] after the scan, benchmarks/bwd_warps.py).
     element_syms = {x.name for e in adj.entries for x in e.expr.free_symbols}
     element_syms |= {x.name for c in adj.sources.values() for x in c.free_symbols}
-    defer = len(scans(adj)) > 1 or any(len(scan) > 1 for scan in scans(adj))
+    defer = len(scans(adj)) > 1 or any(len(scan) > 1 for scan in scans(adj)) or saved is not None
     defer = defer and not any(n.startswith(("s_", "p_")) for n in element_syms)
     loads, late_loads = [], []
     for f in sop.inputs:
