@@ -210,3 +210,25 @@ def test_autotune_times_one_pass_against_two(faster, monkeypatch):
                               list(x.values()), None, False, False, torch.float32, torch.float32, first, None)
     assert {p.totals is not None for p in launched} == {True, False}
     assert (best.totals is not None) == (faster == "two")
+
+
+@pytest.mark.parametrize("name, cap", [("linrec", 4096), ("cumsum", 4096), ("affine", 2048), ("rotation", 2048)])
+def test_training_tiles_are_capped_by_the_backward(name, cap, monkeypatch):
+    """With a backward to follow, the forward's blocks stay at most 2048 tokens, except for a narrow
+    adjoint (<= 4 scalars), whose backward runs 16 elements a thread: 4096 is 8 warps there
+    (planned on meta tensors for (8, 1536, 4096): no GPU needed)."""
+    op = load(name)
+    mod = triton_backend.module(op.ir, interpret=True)
+    monkeypatch.setattr(mod, "_psmc_sms", lambda device: 132)
+    spec = getattr(mod, f"{name.upper()}_SPEC")
+    assert mod._psmc_training_cap(spec) == cap
+    xs = [torch.empty((8, 1536, 4096) + tuple(f["shape"]), device="meta") for f in spec["inputs"]]
+    kernels = getattr(mod, f"{name}_scan_kernel"), getattr(mod, f"{name}_chunk_totals_kernel")
+    for want_ckpt, most in ((False, 4096), (True, cap)):
+        plan = mod._PsmcScanPlan(*kernels, spec, xs, None, False, want_ckpt, torch.float32, torch.float32, None)
+        assert plan.config[1] <= most
+        if cap == 4096:  # the heuristic's tile for 4 scalars a token, no longer cut to 2048
+            assert plan.config[1] == 4096
+        layout = mod._PsmcLayout((8, 1536), spec["lane"], [(x, f, True) for x, f in zip(xs, spec["inputs"])])
+        candidates = mod._psmc_scan_candidates(spec, layout, 4096, want_ckpt)
+        assert candidates and all(c[1] <= most for c in candidates)
