@@ -38,17 +38,9 @@ from triton.compiler import ASTSource  # noqa: E402
 import psmc  # noqa: E402
 from psmc import triton_backend  # noqa: E402
 
-# the shapes of bench.py's examples part: name -> (dims, batch, T)
-EXAMPLE_SHAPES = {
-    "cumsum": ({}, (8, 1536), 4096),
-    "cummax": ({}, (8, 1536), 4096),
-    "logcumsumexp": ({}, (8, 1536), 4096),
-    "cumcount": ({}, (8, 1536), 4096),
-    "rotation": ({}, (8, 1536), 4096),
-    "affine": ({}, (4096,), 4096),
-    "s5": ({}, (512,), 4096),
-    "softmax_attn": ({}, (256,), 4096),
-}
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench import EXAMPLE_SHAPES  # noqa: E402  (bench.py's examples part: name -> (dims, batch, T))
+
 SMS = 132  # H100 / H200 multiprocessors: decides one pass or two as the launcher would
 
 
