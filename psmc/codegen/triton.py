@@ -160,6 +160,10 @@ _PTR = {"f16": "*fp16", "bf16": "*bf16", "f32": "*fp32", "f64": "*fp64", "i32": 
         "i64": "*i64", "bool": "*i1"}
 
 
+# the prelude's _PSMC_NARROW_ADJOINT: adjoint scans this narrow run 16 elements a thread
+NARROW_ADJOINT = 4
+
+
 def kernel_signatures(op: ir.Op, input_dtype: str = "f32") -> list[tuple[str, dict, dict, int]]:
     """(kernel name, signature, constexprs, num_warps) of every kernel of the op, for
     `triton.compile`.
@@ -209,8 +213,9 @@ def kernel_signatures(op: ir.Op, input_dtype: str = "f32") -> list[tuple[str, di
     if adj is not None:
         bw = {"HAS_GFINAL": True, "HAS_GINIT": True, "ACC": "fp32", "BLOCK_L": 1, "BLOCK_T": block_t}
         widest = max(triton_adjoint.widest(a) for a in (adj, adjf) if a is not None)
-        per_thread = 16 if widest <= 4 else 8 if widest <= 32 else 1
-        warps = min(16, max(1 if widest <= 4 else 4, block_t // (32 * per_thread)))
+        narrow = widest <= NARROW_ADJOINT
+        per_thread = 16 if narrow else 8 if widest <= 32 else 1
+        warps = min(16, max(1 if narrow else 4, block_t // (32 * per_thread)))
         out.append((f"{op.name}_backward_kernel", types, bw, warps))
         if triton_adjoint.saved_states(sop, adj) is not None:
             out.append((f"{op.name}_backward_saved_kernel", types, bw, warps))
