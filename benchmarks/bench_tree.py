@@ -69,17 +69,13 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="64x4096,256x16384,64x262144,8x1048576", help="B x T, comma-separated")
     ap.add_argument("--configs", default=f"{default},32x2,32x8,64x4",
                     help=f"lanes x elements a lane, comma-separated; psmc's default is {default}")
-    ap.add_argument("--three-launch", action="store_true", help="also time each configuration on the "
-                    "three-launch path (block totals, their prefixes, outputs) instead of the one-pass kernel")
     ap.add_argument("--fwd-bwd", action="store_true", help="also time the training path (split/join "
                     "kernels and their reverse; compiles slowly on triton 3.6)")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
-    configs = [(r, e, True) for r, e in parse_configs(args.configs)]
-    if args.three_launch:
-        configs += [(r, e, False) for r, e, _ in configs]
-    names = [f"{r}x{e}" + ("" if one else "/3-launch") for r, e, one in configs]
+    configs = parse_configs(args.configs)
+    names = [f"{r}x{e}" for r, e in configs]
     mix = psmc.compile_file(ROOT / "examples/nonassoc_mix.psm", D=4)["nonassoc_mix"]
     csum = psmc.compile_file(ROOT / "examples/cumsum.psm")["cumsum"]
     t_start = time.perf_counter()
@@ -91,8 +87,7 @@ def main(argv=None) -> int:
         want = mix(u=u, backend="torch")
         row = {"B": B, "T": T, "MB_moved": 2 * u.numel() * 4 / 1e6, "tree_us": {}, "tree_err": {},
                "compile_s": {}}
-        for (lanes, per_lane, one_pass), name in zip(configs, names):
-            tree_backend.module(mix.ir, BLOCK, lanes, False, per_lane)._TREE_ONE_PASS = one_pass
+        for (lanes, per_lane), name in zip(configs, names):
             with tree_backend.block_size(BLOCK, lanes, per_lane):
                 t0 = time.perf_counter()
                 try:
@@ -180,7 +175,7 @@ def _kernel_report(op, configs, names) -> dict:
     """Registers and spills of the tree kernels that ran, from the compiled kernels their direct
     launchers hold (a launcher without one took Triton's normal path every time)."""
     out = {}
-    for (lanes, per_lane, _), name in zip(configs, names):
+    for (lanes, per_lane), name in zip(configs, names):
         mod = tree_backend.module(op.ir, BLOCK, lanes, False, per_lane)
         seen, direct, total = {}, 0, 0
         for key, launcher in mod._TREE_LAUNCHERS.items():

@@ -7,10 +7,7 @@ path), gradients against autograd through the f64 torch level path, and a prefil
 its stream state. Then the same op compiled by `psmc compile` into a temporary folder and imported
 from there (the vendored module, which carries its own tree kernels and host code): its CUDA
 forward, gradients and prefill + continue against the package's tree kernels and the f64 torch
-path. Last, the one-pass kernel (lanes_chain_x: blocks take their prefixes from earlier blocks'
-records) against the three-launch path, at sizes whose grids outgrow the GPU many times, in
-repeated calls of changing shapes, replayed from a CUDA graph with new inputs, and on two streams
-at once. Prints one line per check and exits 1 on any failure.
+path. Prints one line per check and exits 1 on any failure.
 """
 
 from __future__ import annotations
@@ -74,61 +71,7 @@ def main() -> int:
         bad += not ok
         print(f"{name} prefill 1234 + continue: max err {err:.1e} {'ok' if ok else 'FAIL'}", flush=True)
         bad += check_vendored(op, name, dev, gen)
-        bad += check_one_pass(op, name, dev, gen)
     return 1 if bad else 0
-
-
-def check_one_pass(op, name: str, dev, gen) -> int:
-    """The one-pass kernel against the three-launch path (the same tree: equal up to rounding)."""
-    bad = 0
-    mod = tree_backend.module(op.ir, tree_backend._BLOCK["cuda"], tree_backend._LANES["cuda"], False,
-                              tree_backend._PER_LANE["cuda"])
-
-    def both(x):
-        mod._TREE_ONE_PASS = False
-        three = op(**x, backend="triton")
-        mod._TREE_ONE_PASS = True
-        return op(**x, backend="triton"), three
-
-    def report(what, one, three, tol=1e-5):
-        nonlocal bad
-        err = ((one - three).abs().max() / (1 + three.abs().max())).item()
-        ok = err < tol
-        bad += not ok
-        print(f"{name} one-pass {what}: max rel diff to three-launch {err:.1e} {'ok' if ok else 'FAIL'}", flush=True)
-
-    for B, T in ((3, 129), (2, 5000), (64, 4096), (256, 16384), (64, 262144), (1, 2 ** 20 + 3), (5, 70001)):
-        x = {k: v.float() for k, v in draw(op, B, T, dev, gen).items()}
-        report(f"{B}x{T}", *both(x))
-    xs = [{k: v.float() for k, v in draw(op, B, T, dev, gen).items()} for B, T in ((4, 3000), (1, 200), (4, 3000))]
-    for i, x in enumerate(xs * 2):  # the scratch's tag and counters carry over between calls
-        report(f"repeated call {i}", *both(x))
-    x = {k: v.float() for k, v in draw(op, 8, 20000, dev, gen).items()}
-    static = {k: v.clone() for k, v in x.items()}
-    from benchmarks.timing import graph_replay
-    out = {}
-    replay = graph_replay(lambda: out.__setitem__("y", op(**static, backend="triton")))
-    for i in range(3):  # new inputs each replay: the graph's scratch must not keep stale records
-        new = {k: v.float() for k, v in draw(op, 8, 20000, dev, gen).items()}
-        for k in static:
-            static[k].copy_(new[k])
-        replay()
-        torch.cuda.synchronize()
-        report(f"graph replay {i}", out["y"].clone(), both(new)[1])
-    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
-    xa = {k: v.float() for k, v in draw(op, 64, 30000, dev, gen).items()}
-    xb = {k: v.float() for k, v in draw(op, 64, 30001, dev, gen).items()}
-    torch.cuda.synchronize()
-    ys = {}
-    for _ in range(5):  # two streams at once: each its own scratch
-        with torch.cuda.stream(s1):
-            ys["a"] = op(**xa, backend="triton")
-        with torch.cuda.stream(s2):
-            ys["b"] = op(**xb, backend="triton")
-    torch.cuda.synchronize()
-    report("stream 1 of 2", ys["a"], both(xa)[1])
-    report("stream 2 of 2", ys["b"], both(xb)[1])
-    return bad
 
 
 def vendored(op, name: str, folder: Path):

@@ -70,7 +70,7 @@ LANE_SCALARS = 24
 TILE_MOVES = True  # the lanes kernels move power-of-two fields as block tiles (_Lanes.tiled)
 _NUM_WARPS = {4: 1, 8: 1, 16: 1, 32: 1, 64: 2, 128: 4, 256: 4, 512: 8, 1024: 8}
 KINDS = ("up_x", "up_s", "down_x", "down_s", "bwd_up_x", "bwd_up_s", "bwd_down_x", "bwd_down_s")
-LANE_KINDS = ("lanes_up_x", "lanes_up_s", "lanes_down_x", "lanes_down_s", "lanes_chain_x")
+LANE_KINDS = ("lanes_up_x", "lanes_up_s", "lanes_down_x", "lanes_down_s", "lanes_down_t")
 
 
 class Unsupported(Exception):
@@ -114,12 +114,13 @@ class TreeKernels:
         """Argument types for ahead-of-time compilation (triton.compile with an ASTSource)."""
         xs = [f"x_{f.name}_ptr" for f in self.inputs]
         ys = [f"y_{f.name}_ptr" for f in self.outputs]
+        lanes = kind.startswith("lanes_")
         kind = kind.removeprefix("lanes_")
         args = {
             "up_x": xs + ["tot_ptr"],
             "up_s": ["st_ptr", "tot_ptr"],
             "down_x": xs + ["pin_ptr"] + ys,
-            "chain_x": xs + ["rec_ptr"] + ys,
+            "down_t": xs + ["pin_ptr"] + ys,
             "down_s": ["st_ptr", "pin_ptr", "pout_ptr"],
             "bwd_up_x": xs + ["dtot_ptr"] + [f"dx_{f.name}_ptr" for f in self.inputs],
             "bwd_up_s": ["st_ptr", "dtot_ptr", "dst_ptr"],
@@ -129,11 +130,11 @@ class TreeKernels:
         }[kind]
         sig = {a: ptr for a in args}
         sig["n"] = "i32"
-        if kind == "chain_x":
-            sig.update(rec_ptr="*i64", tag="i32")
         if kind.endswith(("down_x", "down_s")):
             sig["HAS_START"] = "constexpr"
         sig["ACC"] = "constexpr"
+        if lanes:
+            sig["GDC"] = "constexpr"
         return sig
 
 
@@ -490,71 +491,31 @@ class _Lanes:
             out.append(f"mid{k} = lane % {g} == {g // 2 - 1}")
         return out
 
-    def chain(self) -> list[str]:
-        """The single pass's block prefixes ps = P[b] and pe = P[b+1] from earlier blocks' records,
-        after the block's up-sweep (see `_Lanes`). Block b's records are those of the aligned
-        blocks of its binary decomposition, one per set bit k of b (the one of 2^k blocks ending
-        at `ends[k]`); they are loaded together, as a vector over k, so a block pays one round
-        trip to memory per phase rather than one per record."""
-        L, R, NS = self.LR, self.R, self.fns.NS
-        S, P, r = self.vars("S"), self.vars("P"), self.vars("r")
-        ident = self.fns.ident
-        get = self.fns.fn("records")
+    def start_helper(self) -> dict:
+        """`{op}_tree_lanes_start(tot_ptr, trow, nblk, blk, lane)`: P[b] and P[b+1] of block b
+        (in every lane) from the row's nblk <= R block totals, by the cross-lane tree over them
+        (the same pieces as a block's, one total a lane): lanes_down_t's start, which saves the
+        launch that scans the totals when a row has at most R blocks."""
+        NS, L, ident = self.fns.NS, self.LR, self.fns.ident
+        body = self.head(False)[self.head(False).index("# lanes that end an aligned group of 2^(k+1) "
+                                                       "lanes, and the left half of one"):]
+        body.append("# the row's block totals, one a lane; the identity past the row's end")
+        body += [f"t0_{s} = tl.load(tot_ptr + (trow + lane) * {NS} + {j}, mask=lane < nblk, "
+                 f"other={ident[s]}).to(ACC)" for j, s in enumerate(self.slots)]
+        body += self.up_across()
+        body += self.start()[1]  # the row starts at the identity
+        body += self.cross_down()
+        body.append("# block b's prefix is total b's, its end total b's inclusive end")
+        rets = [f"tl.gather(p0_{s}, blk + 0 * lane, 0)" for s in self.slots]
+        rets += [f"tl.gather(q0_{s}, blk + 0 * lane, 0)" for s in self.slots]
+        return {"name": self.fns.fn("lanes_start"), "params": "tot_ptr, trow, nblk, blk, lane, ACC: tl.constexpr",
+                "where": f"P[b], P[b+1] from a row's (at most {self.R}) block totals", "body": body,
+                "returns": _tuple(rets)}
 
-        def pick(vec: str, k: str) -> list[str]:  # record k of a vector, in every lane
-            return [f"r_{s} = tl.gather({vec}_{s}, {k} + 0 * lane, 0)" for s in self.slots]
-
-        out = ["# this block's record: the total of the 2^t aligned blocks it ends (t: the trailing zero",
-               "# bits of blk + 1), i.e. its own total (lane R - 1's) after the records of the earlier halves",
-               "tag = tag.to(tl.int64)  # this launch's: every record word carries it in its high 32 bits",
-               "lv = tl.arange(0, 32).to(tl.int64)",
-               "bits = (blk >> lv) % 2 == 1",
-               "ends = trow + ((blk >> (lv + 1)) << (lv + 1)) + (1 << lv) - 1",
-               "t = 0",
-               "while ((blk + 1) >> t) % 2 == 0:",
-               "    t += 1",
-               f"{_tuple(self.vars('a'))} = {get}(rec_ptr, ends, lv < t, tag)  # blk's t low bits: all set",
-               f"last = tl.full([{R}], {R - 1}, tl.int32)"]
-        out += [f"S_{s} = tl.gather(t{L}_{s}, last, 0)" for s in self.slots]
-        out += ["k = 0", "while k < t:"] + ["    " + x for x in pick("a", "k")]
-        out += ["    " + self.fns.call(S, "combine", r, S), "    k += 1"]
-        out += [f"tl.store(rec_ptr + (trow + blk) * {NS} + {j} + 0 * lane, (tag << 32) | "
-                f"S_{s}.to(tl.int32, bitcast=True).to(tl.uint32).to(tl.int64), mask=lane == {R - 1})"
-                for j, s in enumerate(self.slots)]
-        out.append("# P[b + 1 - 2^t]: the records of blk's set bits above t, largest block first")
-        out.append(f"{_tuple(self.vars('b'))} = {get}(rec_ptr, ends, bits & (lv > t), tag)")
-        out += [f"P_{s} = tl.full([{R}], {ident[s]}, ACC)" for s in self.slots]
-        out += ["h = 0", "while (blk >> h) > 0:", "    h += 1",
-                "while h > t + 1:", "    h -= 1", "    if (blk >> h) % 2 == 1:"]
-        out += ["        " + x for x in pick("b", "h")]
-        out += ["        " + self.fns.call(P, "combine", P, r),
-                "# P[b + 1] = combine(that, this block's record); P[b]: on through blk's t low bits",
-                self.fns.call(self.vars("pe"), "combine", P, S),
-                "k = t",
-                "while k > 0:",
-                "    k -= 1"]
-        out += ["    " + x for x in pick("a", "k")]
-        out.append("    " + self.fns.call(P, "combine", P, r))
-        return out + [f"ps_{s} = P_{s}" for s in self.slots]
-
-    def record_helpers(self) -> list[dict]:
-        """`{op}_tree_records(rec_ptr, ends, need, tag)`: the records at `ends` where `need`, once
-        every word carries this launch's tag; and the `or` its wait reduces with."""
-        NS = self.fns.NS
-        ws = [f"w_{s}" for s in self.slots]
-        loads = [f"{w} = tl.load(rec_ptr + ends * {NS} + {j}, mask=need, other=0, volatile=True)"
-                 for j, w in enumerate(ws)]
-        late = " | ".join(f"((({w} >> 32) != tag) & need)" for w in ws)
-        any_fn = self.fns.fn("any")
-        rets = [f"{w}.to(tl.int32).to(tl.float32, bitcast=True)" for w in ws]
-        return [{"name": any_fn, "params": "a, b", "where": "reduces a wait's flags", "body": [],
-                 "returns": "a | b"},
-                {"name": self.fns.fn("records"), "params": "rec_ptr, ends, need, tag",
-                 "where": "records of this launch: spin until every needed word carries the launch's tag "
-                          "(high 32 bits), then their f32 state scalars (low 32 bits)",
-                 "body": loads + [f"while tl.reduce(({late}).to(tl.int32), 0, {any_fn}) != 0:"]
-                 + ["    " + x for x in loads],
-                 "returns": _tuple(rets)}]
+    def start_from_totals(self) -> list[str]:
+        return [f"# P[b] and P[b+1] from the row's block totals (at most {self.R}), by their tree, here",
+                f"{_tuple(self.vars('ps') + self.vars('pe'))} = {self.fns.fn('lanes_start')}"
+                f"(pin_ptr, trow, nblk, blk, lane, ACC)"]
 
     def x_vars(self, j: int) -> list[str]:
         return [f"x{j}_{s.name}" for s in self.sop.input_slots]
@@ -622,6 +583,11 @@ class _Lanes:
                                          self.vars(f"u{k}_{2 * i}"), self.vars(f"u{k}_{2 * i + 1}")))
         out.append(f"# across lanes: the {self.R} lane totals, one per thread")
         out += [f"t0_{s} = u{self.LE}_0_{s}" for s in self.slots]
+        return out + self.up_across()
+
+    def up_across(self) -> list[str]:
+        """The up-sweep over t0 (one value a lane) to the block's total in lane R - 1."""
+        out = []
         for k in range(self.LR):
             g = 2 << k
             m = self.R >> (k + 1)
@@ -776,7 +742,7 @@ def generate(op: ir.Op, block: int = BLOCK, lanes: int = 0, per_lane: int = 0) -
         op_name=name, block=block, source="", state_slots=tuple(st), state_fields=fields(sop.state),
         inputs=fields(sop.inputs), outputs=fields(sop.outputs), exclusive=excl, lanes=lanes,
         per_lane=per_lane)
-    sig = {k: ", ".join(a for a in kernels.signature(k) if a not in ("n", "tag", "HAS_START", "ACC"))
+    sig = {k: ", ".join(a for a in kernels.signature(k) if a not in ("n", "HAS_START", "ACC", "GDC"))
            for k in kernels.kinds}
     source = render(
         "tree.j2", name=name, path=sop.path, block=block, log=b.LOG, ns=b.NS, helpers=helpers, sig=sig,
@@ -806,7 +772,8 @@ def _lane_pieces(sop: S.ScalarOp, lanes: int, per_lane: int) -> dict:
             "lift": L.lift(), "load_s": L.load_s(), "up": L.up(), "start_given": given,
             "start_none": none, "cross_down": L.cross_down(), "down": down,
             "output": L.output(pre), "store_prefixes": L.store_prefixes(excl, incl),
-            "store_total": L.store_total(), "chain": L.chain(), "records": L.record_helpers()}
+            "store_total": L.store_total(), "start_helper": L.start_helper(),
+            "start_totals": L.start_from_totals()}
 
 
 def num_warps(threads: int) -> int:
