@@ -3,11 +3,11 @@ time go? (Exploratory; results in BENCHMARKS.md.)
 
     python3 benchmarks/tree_variants.py [--sizes 64x4096,256x16384] [--configs 32x4,32x8]
 
-Variants (`--variants`): a lanes configuration (lanes x elements a lane) generated with inputs
-and outputs moved as block tiles (TILE_MOVES) or as strided per-element vectors; launched with
-programmatic dependent launch (the default) or one kernel after another (`/no-pdl`); for rows of
-at most `lanes` blocks, outputs from the block totals by each program itself (lanes_down_t, two
-launches) or from their prefixes scanned by a launch of its own (three launches, `/scan`). Each module is imported
+Variants (`--variants`): a lanes configuration (lanes x elements a lane); for rows of at most
+`lanes` blocks, outputs from the block totals by each program itself (lanes_down_t, two launches)
+or from their prefixes scanned by a launch of its own (three launches, `/scan`). Earlier runs
+(benchmarks/results/run9/) also compared a one-pass kernel, block-tile moves and programmatic
+dependent launch, since removed: the commits that had them say how to run those. Each module is imported
 compiled and called through its entry; times are CUDA-graph replays (kernels alone), then GPU
 time per kernel from torch.profiler. Every variant is checked against the f64 torch path first.
 """
@@ -35,25 +35,22 @@ from psmc.standalone import prepare  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="64x4096,256x16384,64x262144,8x1048576")
-    ap.add_argument("--variants", default="32x4/strided,32x4/strided/no-pdl,32x4/strided/no-pdl/scan,"
-                    "32x4/strided/scan,32x4/tile,32x8/tile,32x8/tile/no-pdl",
-                    help="config/layout[/no-pdl][/scan], comma-separated")
+    ap.add_argument("--variants", default="32x4,32x4/scan,32x8,32x2",
+                    help="config[/scan], comma-separated")
     args = ap.parse_args()
     import triton
     from diagnose_host import gpu_kernel_us
 
     op = psmc.compile_file(ROOT / "examples/nonassoc_mix.psm", D=4)["nonassoc_mix"]
     folder = Path(tempfile.mkdtemp())
-    variants = {}  # name -> (module, programmatic dependent launch?, totals in place?)
+    variants = {}  # name -> (module, totals in place?)
     for name in args.variants.split(","):
-        config, layout, *flags = name.split("/")
+        config, *flags = name.split("/")
         lanes, per_lane = map(int, config.split("x"))
-        path = folder / f"v_{config}_{layout}.py"
+        path = folder / f"v_{config}.py"
         if not path.exists():
-            tree_codegen.TILE_MOVES = layout == "tile"
             path.write_text(tree_codegen.generate_module(op.ir, psmc.__version__, tree_codegen.BLOCK, lanes, per_lane))
-        variants[name] = (cache.load(path), "no-pdl" not in flags, "scan" not in flags)
-    tree_codegen.TILE_MOVES = False
+        variants[name] = (cache.load(path), "scan" not in flags)
     fns = op.functions(torch.float32, torch.device("cuda"))
     bad = 0
     for size in args.sizes.split(","):
@@ -62,13 +59,13 @@ def main() -> int:
         want = op(u=u.double(), backend="torch")
         p = prepare(op.spec, {"u": u})
         cells, kernels = [], []
-        for name, (mod, pdl, in_place) in variants.items():
+        for name, (mod, in_place) in variants.items():
             nblk = -(-T // mod.NONASSOC_MIX_TREE["lane_block"])
             if not in_place and nblk > mod.NONASSOC_MIX_TREE["lanes"]:
                 continue  # the same launches as without /scan
 
-            def call(mod=mod, pdl=pdl, in_place=in_place):
-                mod._TREE_PDL, mod._TREE_TOTALS_IN_PLACE = pdl, in_place
+            def call(mod=mod, in_place=in_place):
+                mod._TREE_TOTALS_IN_PLACE = in_place
                 return mod.nonassoc_mix_tree(op.spec, fns, p, None, False)
 
             errs = []

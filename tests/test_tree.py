@@ -87,6 +87,51 @@ def test_lanes_kernels_equal_the_designs_tree(name, lanes, per_lane, T):
             close(run_tree(op, x32, lanes=lanes, per_lane=per_lane), want, F32_TOL)
 
 
+@pytest.mark.parametrize("name", TREE_OPS)
+@pytest.mark.parametrize("T,kinds", [
+    (9, ["lanes_up_x", "lanes_down_t"]),    # 2 blocks of 8: each block scans the 2 totals itself
+    (32, ["lanes_up_x", "lanes_down_t"]),   # 4 blocks, as many as lanes: still in place
+    (33, ["lanes_up_x", "lanes_down_s", "lanes_down_x"]),  # 5 blocks: their totals' own launch
+])
+def test_lanes_launches_by_row_length(monkeypatch, name, T, kinds):
+    """A fresh forward call of more than one block: lanes_up_x (block totals and every lane's
+    up-sweep total), then for rows of at most `lanes` blocks lanes_down_t (each program scans the
+    row's totals itself), else the totals' prefixes by lanes_down_s and lanes_down_x. Both agree
+    with the design's tree, and with each other when the in-place start is switched off."""
+    op = example_op(name)
+    x = random_inputs(op, (3,), T, seed=T)
+    want = ORACLES[name](**x)["y"]
+    mod = tree_backend.module(op.ir, 16, 4, interpret=True, per_lane=2)
+    ran = []
+    launch = mod._TreeCall.launch
+    monkeypatch.setattr(mod._TreeCall, "launch", lambda self, kind, *a, **k: (ran.append(kind), launch(self, kind, *a, **k)))
+    with torch.no_grad():
+        got = run_tree(op, x, lanes=4, per_lane=2)
+        assert ran == kinds
+        close(got, want, F64_TOL)
+        monkeypatch.setattr(mod, "_TREE_TOTALS_IN_PLACE", False)
+        ran.clear()
+        close(run_tree(op, x, lanes=4, per_lane=2), got, dict(rtol=0, atol=0))
+        assert "lanes_down_t" not in ran
+
+
+@pytest.mark.parametrize("per_lane,computed,skipped", [(4, ["u1_0"], ["u1_1", "u2_0"]),
+                                                        (8, ["u1_0", "u1_1", "u1_2", "u2_0"], ["u1_3", "u2_1", "u3_0"])])
+def test_down_kernels_take_the_up_sweep_from_lanes_up_x(per_lane, computed, skipped):
+    """After lanes_up_x the down kernels load every lane's up-sweep total and compute only the
+    in-lane left children their down-sweep reads: no cross-lane up-sweep, no lane total."""
+    op = example_op("nonassoc_mix")
+    src = tree_codegen.generate(op.ir, 8, lanes=4, per_lane=per_lane).source
+    kernel = src[src.index("def nonassoc_mix_tree_lanes_down_t("):]
+    assert "tl.load(lt_ptr" in kernel and "tl.gather(t0_n, lane ^ 1, 0)" not in kernel
+    for u in computed:
+        assert f"{u}_n, " in kernel, u
+    for u in skipped:
+        assert f"{u}_n, " not in kernel, u
+    up = src[src.index("def nonassoc_mix_tree_lanes_up_x("):src.index("def nonassoc_mix_tree_lanes_up_s(")]
+    assert "tl.store(lt_ptr" in up
+
+
 MIX_EXCLUSIVE = """
 op mix_excl[D = 3] {
   expect nonassociative
@@ -151,10 +196,16 @@ def _left_fold_lane_total(self):
 
 def _folded_lane_end(self):
     """A wrong cross-lane bracketing: a lane's inclusive end as combine(its prefix, its total),
-    not the next lane's prefix (lane 3's end is then (((T0 T1) T2) T3), not (T0 T1)(T2 T3))."""
+    not the next lane's prefix (lane 3's end is then (((T0 T1) T2) T3), not (T0 T1)(T2 T3)).
+    The lane's total is folded here from its elements (u0_*), which every kernel has (a down
+    kernel after lanes_up_x does not run the in-lane up-sweep to its top)."""
     lines = _REAL_CROSS_DOWN(self)
     i = next(i for i, line in enumerate(lines) if line.startswith("q0_"))
-    lines[i:] = [self.fns.call(self.vars("q0"), "combine", self.vars("p0"), self.vars(f"u{self.LE}_0"))]
+    total = [self.fns.call(self.vars("mf0"), "combine", self.vars("u0_0"), self.vars("u0_1"))]
+    for j in range(2, self.E):
+        total.append(self.fns.call(self.vars(f"mf{j - 1}"), "combine", self.vars(f"mf{j - 2}"), self.vars(f"u0_{j}")))
+    # the lane total bracketed as ((s0 s1) s2) s3: wrong too, but the test is about the end
+    lines[i:] = total + [self.fns.call(self.vars("q0"), "combine", self.vars("p0"), self.vars(f"mf{self.E - 2}"))]
     return lines
 
 
@@ -166,7 +217,7 @@ def test_lanes_tests_catch_a_wrong_bracketing(monkeypatch, tmp_path, method, wro
     """The lanes kernels generated with a plausible wrong bracketing miss the oracle by far more
     than the tolerances above (the mutated module is loaded from tmp_path, not the cache)."""
     op = example_op("nonassoc_mix")
-    x = random_inputs(op, (2,), 64, seed=3)
+    x = random_inputs(op, (2,), 100, seed=3)  # 7 blocks of 16: up_x, the totals' scan, down_x
     want = ORACLES["nonassoc_mix"](**x)["y"]
     monkeypatch.setattr(tree_codegen._Lanes, method, wrong)
     path = tmp_path / "mutant.py"
