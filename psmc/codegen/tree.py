@@ -24,6 +24,19 @@ as ever smaller tensors that Triton still spreads over every thread (redundant c
 triton 3.6 255 registers with spills at 128 lanes x 8); the gather tree compiles to 40-63
 registers at 32 x 4. `tl.gather` runs compiled (triton 3.6 and 3.9) and under the interpreter.
 
+A fresh forward call of more than one block is two or three launches of the lanes kernels:
+lanes_up_x writes each block's total and every lane's up-sweep total (what the up-sweep leaves in
+a lane: the total of the largest aligned group of lanes it ends, all the cross-lane down-sweep
+reads); the down kernel loads those instead of running the up-sweep again and computes only the
+in-lane left children its own down-sweep reads (at 32 x 4, 9 of a lane's 16 combines are left).
+Rows of at most R blocks go straight to lanes_down_t, whose programs each scan the row's block
+totals by the same cross-lane tree (one total a lane) to get their P[b], P[b+1]; longer rows have
+the totals' prefixes computed by lanes_up_s / lanes_down_s first, then lanes_down_x. The kernels
+are issue-bound on the H200 (the cross-lane levels run `combine` in every lane; nonassoc_mix's
+costs four tanh), so these savings of work are what brought the tree within 2x of a scan moving
+the same bytes; a one-pass kernel (blocks chained through published totals), block-tile loads and
+programmatic dependent launch were measured and dropped (BENCHMARKS.md).
+
 Backward: the reverse pass over the same tree. `combine_vjp`, `lift_vjp` and `output_vjp` are
 vector-Jacobian products of the scalarized functions, differentiated by sympy (`where` stays a
 `Piecewise`, so an untaken branch contributes an exact 0, never NaN * 0); structurally zero
@@ -39,9 +52,11 @@ On CUDA it launches through the scan launchers' `_PsmcLaunch` (templates/triton_
 pasted into the section too): direct calls of the compiled kernel after the first launch.
 
 Kernels (all take `ACC`, the accumulation dtype, and `HAS_START` where a block may have a start;
-`lanes_*` are the forward-only twins of the first four):
+`lanes_*` are the forward-only twins of the first four, lanes_up_x also writing the lane totals
+`lt` that lanes_down_x (HAS_START) and lanes_down_t read):
   {op}_tree_up_x / _up_s        inputs (lift fused) / states  -> block totals
   {op}_tree_down_x / _down_s    ... + block prefixes -> outputs (output fused) / all n+1 prefixes
+  {op}_tree_lanes_down_t        inputs + a row's (at most R) block totals -> outputs
   {op}_tree_bwd_up_x / _up_s    adjoints of the block totals -> adjoints of inputs / states
   {op}_tree_bwd_down_x / _down_s  adjoints of outputs / prefixes -> of inputs / states and of the
                                 block prefixes (`dps` for P[b], `dpe` for P[b+1])
