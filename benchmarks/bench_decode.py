@@ -191,20 +191,26 @@ def plot(out: Path) -> None:
     ax.set_ylabel("us per decoded token")
     ax.set_title(f"decode, B={dec['meta']['B']}, D={dec['meta']['D']}, {dec['meta']['device']}", fontsize=9)
     ax.legend()
-    if tree:
+    if tree:  # bench_tree.py's tree.json: the default lanes configuration's kernels against the scan's
         ax = axes[1]
-        rows = tree["rows"]
+        rows = [r for r in tree["rows"] if r.get("tree_graph_us") and r.get("psmc_scan_graph_us")]
+        name = tree["meta"]["default"]
         labels = [f"{r['B']}x{r['T']}" for r in rows]
-        xs = range(len(rows))
-        w = 0.27
-        ax.bar([x - w for x in xs], [r["tree_us"][str(r["best_lanes"])] for r in rows], w,
-               label="tree (nonassoc_mix)")
-        ax.bar(list(xs), [r["torch_cumsum_us"] for r in rows], w, label="torch.cumsum, same bytes")
-        ax.bar([x + w for x in xs], [r["psmc_scan_us"] or 0 for r in rows], w, label="psmc scan (cumsum), same bytes")
-        ax.set_xticks(list(xs), labels)
+        xs = list(range(len(rows)))
+        w = 0.38
+        scan = [r["psmc_scan_graph_us"] for r in rows]
+        ax.bar([x - w / 2 for x in xs], [r["tree_graph_us"][name] for r in rows], w,
+               label=f"tree, nonassoc_mix ({name} lanes)")
+        ax.bar([x + w / 2 for x in xs], scan, w, label="psmc scan, cumsum over the same bytes")
+        ax.scatter(xs, [2 * s for s in scan], marker="_", s=900, color="k", zorder=3, label="2 x scan (target)")
+        for x, r in zip(xs, rows):
+            ratio = r["tree_graph_us"][name] / r["psmc_scan_graph_us"]
+            ax.annotate(f"{ratio:.2f}x", (x - w / 2, r["tree_graph_us"][name]), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(xs, labels)
         ax.set_yscale("log")
-        ax.set_ylabel("us (median)")
-        ax.set_title("forward, 32 bytes moved per element", fontsize=9)
+        ax.set_xlabel("B x T (f32, 32 bytes moved an element)")
+        ax.set_ylabel("us, kernels alone (CUDA graph replay, median)")
+        ax.set_title(f"forward, tree against scan, {tree['meta']['device']}", fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "tree_decode.png", dpi=120)
