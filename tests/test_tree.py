@@ -132,6 +132,47 @@ def test_down_kernels_take_the_up_sweep_from_lanes_up_x(per_lane, computed, skip
     assert "tl.store(lt_ptr" in up
 
 
+# the tests' examples have 4 (nonassoc_mix[D=3]) and 6 (softmax_agg[D=4]) state scalars
+@pytest.mark.parametrize("name,D,per_lane,handoff", [
+    ("nonassoc_mix", 3, 2, True), ("nonassoc_mix", 4, 2, False),  # 4 / 2 = 2 words; 5 / 2
+    ("softmax_agg", 4, 2, False), ("softmax_agg", 4, 4, True)])  # 6 / 2 = 3; 6 / 4 = 1.5
+def test_lane_totals_handed_over_when_they_are_few_words(name, D, per_lane, handoff):
+    """lanes_up_x hands its lane totals to the down kernels only at <= LANE_TOTAL_WORDS (2)
+    state words an element; else the down kernels run the whole up-sweep themselves and nothing
+    is written for them."""
+    assert tree_codegen.LANE_TOTAL_WORDS == 2
+    op = example_op(name, D=D)
+    tk = tree_codegen.generate(op.ir, 8, lanes=4, per_lane=per_lane)
+    assert tk.lane_totals is handoff
+    src = tk.source
+    down = src[src.index(f"def {name}_tree_lanes_down_t("):]
+    assert ("tl.load(lt_ptr" in down) is handoff
+    assert ("tl.store(lt_ptr" in src) is handoff
+    assert ("tl.gather(t0_n, lane ^ 1, 0)" in down) is not handoff  # the cross-lane up-sweep
+
+
+@pytest.mark.parametrize("name", TREE_OPS)
+@pytest.mark.parametrize("T", [40, 100])  # 5 blocks of 8 (lanes_down_t), 13 (the totals' launch)
+def test_lane_totals_handed_over_or_not_give_the_designs_tree(monkeypatch, tmp_path, name, T):
+    """Both settings of the hand-over, forced (modules generated into tmp_path, not the cache),
+    against the design's tree at f64 tolerance and bit for bit against each other."""
+    op = example_op(name)
+    x = random_inputs(op, (2,), T, seed=T)
+    want = ORACLES[name](**x)["y"]
+    got = []
+    for handoff in (True, False):
+        monkeypatch.setattr(tree_codegen, "LANE_TOTALS", handoff)
+        path = tmp_path / f"handoff_{handoff}.py"
+        path.write_text(tree_codegen.generate_module(op.ir, "test", 16, lanes=8, per_lane=2))
+        mod = cache.load(path, interpret=True)
+        assert getattr(mod, f"{name.upper()}_TREE")["lane_totals"] is handoff
+        with torch.no_grad():
+            got.append(getattr(mod, f"{name}_tree")(op.spec, op.functions(torch.float64, torch.device("cpu")),
+                                                    prepare(op.spec, x), None, False))
+        close(got[-1], want, F64_TOL)
+    torch.testing.assert_close(got[0], got[1], rtol=0, atol=0)
+
+
 MIX_EXCLUSIVE = """
 op mix_excl[D = 3] {
   expect nonassociative

@@ -82,6 +82,10 @@ from .vectors import groups, pack, unpack
 BLOCK = 64
 LANES = 32
 LANE_SCALARS = 24
+# lanes_up_x hands its lane totals to the down kernel when they are at most this many state words
+# an element (NS / E; H200: nonassoc_mix at 5 / 4 faster with them, softmax_agg at 10 / 2 slower)
+LANE_TOTAL_WORDS = 2
+LANE_TOTALS: bool | None = None  # force the hand-over on or off (benchmarks compare); None: the rule
 _NUM_WARPS = {4: 1, 8: 1, 16: 1, 32: 1, 64: 2, 128: 4, 256: 4, 512: 8, 1024: 8}
 KINDS = ("up_x", "up_s", "down_x", "down_s", "bwd_up_x", "bwd_up_s", "bwd_down_x", "bwd_down_s")
 LANE_KINDS = ("lanes_up_x", "lanes_up_s", "lanes_down_x", "lanes_down_s", "lanes_down_t")
@@ -112,6 +116,7 @@ class TreeKernels:
     exclusive: bool
     lanes: int = 0  # the forward-only lanes family: `lanes` threads x `per_lane` elements a block
     per_lane: int = 0
+    lane_totals: bool = False  # lanes_up_x hands its lane totals to the down kernels (`_Lanes.handoff`)
 
     @property
     def lane_block(self) -> int:
@@ -597,6 +602,16 @@ class _Lanes:
                                              self.vars(f"u{k - 1}_{2 * i}"), self.vars(f"u{k - 1}_{2 * i + 1}")))
         return out
 
+    def handoff(self) -> bool:
+        """Whether lanes_up_x hands its lane totals to the down kernels: when they are at most
+        LANE_TOTAL_WORDS state words an element (the words cost bandwidth; the combines they save,
+        issue slots). On the H200 at 256 x 16384 nonassoc_mix (1.25 words an element) takes 80.8 us
+        with them against 85.5 recomputing, softmax_agg (5 words) 168.2 against 154.6
+        (benchmarks/results/run9/handoff_rule.txt); above the bound the down kernels recompute."""
+        if LANE_TOTALS is not None:
+            return LANE_TOTALS
+        return self.fns.NS <= LANE_TOTAL_WORDS * self.E
+
     def lane_totals(self, store: bool) -> list[str]:
         """Store (up_x) or load (the down kernels after it) t{LR}: what the up-sweep leaves in each
         lane, the total of the largest aligned group of lanes it ends, all the cross-lane
@@ -757,7 +772,7 @@ def generate(op: ir.Op, block: int = BLOCK, lanes: int = 0, per_lane: int = 0) -
     kernels = TreeKernels(
         op_name=name, block=block, source="", state_slots=tuple(st), state_fields=fields(sop.state),
         inputs=fields(sop.inputs), outputs=fields(sop.outputs), exclusive=excl, lanes=lanes,
-        per_lane=per_lane)
+        per_lane=per_lane, lane_totals=bool(lanes) and _Lanes(sop, lanes, per_lane).handoff())
     sig = {k: ", ".join(a for a in kernels.signature(k) if a not in ("n", "HAS_START", "ACC"))
            for k in kernels.kinds}
     source = render(
@@ -781,6 +796,7 @@ def generate(op: ir.Op, block: int = BLOCK, lanes: int = 0, per_lane: int = 0) -
 
 def _lane_pieces(sop: S.ScalarOp, lanes: int, per_lane: int) -> dict:
     L = _Lanes(sop, lanes, per_lane)
+    handoff = L.handoff()
     down, excl, incl = L.down()
     given, none = L.start()
     pre = excl if sop.op.exclusive else incl
@@ -789,8 +805,10 @@ def _lane_pieces(sop: S.ScalarOp, lanes: int, per_lane: int) -> dict:
             "start_none": none, "cross_down": L.cross_down(), "down": down,
             "output": L.output(pre), "store_prefixes": L.store_prefixes(excl, incl),
             "store_total": L.store_total(), "start_helper": L.start_helper(),
-            "up_for_down": L.up_in_lane_for_down(), "store_lane_totals": L.lane_totals(True),
-            "load_lane_totals": L.lane_totals(False),
+            # without the hand-over the down kernels run the whole up-sweep again
+            "up_for_down": L.up_in_lane_for_down() if handoff else L.up(),
+            "store_lane_totals": L.lane_totals(True) if handoff else [],
+            "load_lane_totals": L.lane_totals(False) if handoff else [],
             "start_totals": L.start_from_totals()}
 
 
@@ -811,7 +829,7 @@ def generate_module_section(op: ir.Op, block: int = BLOCK, lanes: int = 0, per_l
     launch = render("tree_launch.j2", name=op.name, path=S.ScalarOp(op).path,
                     table=f"{op.name.upper()}_TREE", block=block, warps=num_warps(block),
                     lanes=lanes, per_lane=per_lane, lane_block=tk.lane_block,
-                    lane_warps=num_warps(lanes), slots=tk.state_slots,
+                    lane_warps=num_warps(lanes), slots=tk.state_slots, lane_totals=tk.lane_totals,
                     kernels={kind: tk.kernel(kind) for kind in tk.kinds})
     return _join(tk.source, render("tree_host.j2"), launch)
 
