@@ -1,7 +1,7 @@
 """Variants of the tree's forward path (nonassoc_mix[D=4], or softmax_agg), timed side by side:
 where does its time go? (Exploratory; results in BENCHMARKS.md.)
 
-    python3 benchmarks/tree_variants.py [--sizes 64x4096,256x16384] [--configs 32x4,32x8]
+    python3 benchmarks/tree_variants.py [--op softmax_agg] [--sizes 64x4096,256x16384] [--variants 32x4,32x4/scan]
 
 Variants (`--variants`): a lanes configuration (lanes x elements a lane); for rows of at most
 `lanes` blocks, outputs from the block totals by each program itself (lanes_down_t, two launches)

@@ -514,8 +514,8 @@ class _Lanes:
         (the same pieces as a block's, one total a lane): lanes_down_t's start, which saves the
         launch that scans the totals when a row has at most R blocks."""
         NS, L, ident = self.fns.NS, self.LR, self.fns.ident
-        body = self.head(False)[self.head(False).index("# lanes that end an aligned group of 2^(k+1) "
-                                                       "lanes, and the left half of one"):]
+        head = self.head(False)
+        body = head[head.index("# lanes that end an aligned group of 2^(k+1) lanes, and the left half of one"):]
         body.append("# the row's block totals, one a lane; the identity past the row's end")
         body += [f"t0_{s} = tl.load(tot_ptr + (trow + lane) * {NS} + {j}, mask=lane < nblk, "
                  f"other={ident[s]}).to(ACC)" for j, s in enumerate(self.slots)]
